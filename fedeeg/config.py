@@ -1,0 +1,198 @@
+"""Typed, frozen run configuration, validated at the edge.
+
+One :class:`RunConfig` describes a simulation or a federated run. It is built
+from the CLI, from Flower's run config (``[tool.flwr.app.config]`` in
+``pyproject.toml``, keys in kebab-case) or from a dict, and every field is
+checked in ``__post_init__`` so that a wrong value fails at once with a message
+naming the parameter, the allowed values and the value got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ._validation import check_option, check_range
+
+DATASETS = ("synthetic", "eegmat")
+SPLITS = ("year", "subject")
+MODES = ("federated", "centralized", "local")
+STRATEGIES = ("ffa", "fedit", "full")
+LORA_PRESETS = ("paper", "attention", "all-linear")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Default learning rates: LoRA adapters take a larger step than full fine-tuning.
+DEFAULT_LR = {"ffa": 3e-3, "fedit": 3e-3, "full": 5e-4}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run (simulation or federation).
+
+    Parameters
+    ----------
+    dataset : {"synthetic", "eegmat"}
+        Where the sites' EEG comes from.
+    data_dir : str
+        Folder of the eegmat recordings (required for ``dataset="eegmat"``).
+    sites : int
+        Number of sites (synthetic, or eegmat with ``split="subject"``).
+    split : {"year", "subject"}
+        How eegmat subjects are dealt to sites: by recording year (3 sites) or
+        round-robin over subjects.
+    test_fraction : float
+        Fraction of subjects held out for testing inside every site, in (0, 1).
+    mode : {"federated", "centralized", "local"}
+        Federated over Flower, one model on the pooled training data, or one
+        model per site on its own data. All three train the same model for the
+        same number of epochs (``rounds * local_epochs``).
+    strategy : {"ffa", "fedit", "full"}
+        ``ffa``: LoRA with A frozen from the shared seed, only B and the head
+        train (exact under averaging). ``fedit``: LoRA A and B both train and
+        are averaged separately. ``full``: full fine-tuning (the baseline).
+    rounds, local_epochs : int
+        Federated rounds and local epochs per round.
+    backbone : str
+        Name in :data:`fedeeg.models.BACKBONES`.
+    checkpoint : str
+        Path of a LaBraM checkpoint ("" = deterministic init from ``seed``).
+    lora_preset, lora_rank, lora_alpha, lora_dropout, conv_rank
+        LoRA setting (see :class:`fedeeg.models.LoraSpec`). ``conv_rank=0``
+        disables LoRA on the temporal convolutions.
+    lr : float | None
+        AdamW learning rate; None picks :data:`DEFAULT_LR` for the strategy.
+    weight_decay, batch_size
+        Optimiser settings.
+    seed : int
+        Seeds the backbone init, LoRA A, the subject split and training.
+    window_seconds : float
+        Window length in seconds (a whole number of 1-s patches).
+    device : {"auto", "cpu", "cuda"}
+        Where sites train; ``auto`` takes CUDA when present.
+    out : str
+        Output folder ("" = no files written, e.g. inside tests).
+    """
+
+    dataset: str = "synthetic"
+    data_dir: str = ""
+    sites: int = 3
+    split: str = "year"
+    test_fraction: float = 0.34
+    mode: str = "federated"
+    strategy: str = "ffa"
+    rounds: int = 5
+    local_epochs: int = 1
+    backbone: str = "labram-small"
+    checkpoint: str = ""
+    lora_preset: str = "paper"
+    lora_rank: int = 2
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.5
+    conv_rank: int = 4
+    lr: float | None = None
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    seed: int = 0
+    window_seconds: float = 4.0
+    device: str = "auto"
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        check_option("dataset", self.dataset, DATASETS)
+        check_option("split", self.split, SPLITS)
+        check_option("mode", self.mode, MODES)
+        check_option("strategy", self.strategy, STRATEGIES)
+        check_option("lora_preset", self.lora_preset, LORA_PRESETS)
+        check_option("device", self.device, DEVICES)
+        check_range("sites", self.sites, low=1, kind=int)
+        check_range("test_fraction", self.test_fraction, low=0.01, high=0.99)
+        check_range("rounds", self.rounds, low=1, kind=int)
+        check_range("local_epochs", self.local_epochs, low=1, kind=int)
+        check_range("lora_rank", self.lora_rank, low=1, kind=int)
+        check_range("lora_alpha", self.lora_alpha, low=0)
+        check_range("lora_dropout", self.lora_dropout, low=0, high=0.99)
+        check_range("conv_rank", self.conv_rank, low=0, kind=int)
+        if self.lr is not None:
+            check_range("lr", self.lr, low=1e-8, high=1.0)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("batch_size", self.batch_size, low=1, kind=int)
+        check_range("seed", self.seed, low=0, kind=int)
+        check_range("window_seconds", self.window_seconds, low=1, high=16)
+        if float(self.window_seconds) != int(self.window_seconds):
+            raise ValueError(
+                f"'window_seconds' must be a whole number of 1-s patches, got {self.window_seconds!r} instead."
+            )
+        if self.dataset == "eegmat" and not self.data_dir:
+            raise ValueError(
+                "The eegmat dataset needs 'data_dir' (--data-dir): the folder holding SubjectNN_1.edf, "
+                "SubjectNN_2.edf and subject-info.csv from PhysioNet's 'EEG During Mental Arithmetic Tasks'."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def learning_rate(self) -> float:
+        """The effective learning rate (``lr`` or the strategy's default)."""
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.strategy]
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.strategy != "full"
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs every mode trains for: ``rounds * local_epochs``."""
+        return self.rounds * self.local_epochs
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---------------------------------------------------------- Flower bridge
+    def to_flower(self) -> dict[str, Any]:
+        """Flower run config (kebab-case keys; ``lr=None`` is sent as 0.0)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                value = 0.0
+            out[f.name.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any]) -> "RunConfig":
+        """Build from a dict with snake- or kebab-case keys (e.g. Flower's run config).
+
+        Unknown keys are an error naming them and listing the known ones.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                unknown.append(key)
+                continue
+            kwargs[name] = _coerce(name, value, known[name].type)
+        if unknown:
+            allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
+            raise ValueError(f"Unknown run config key(s) {sorted(unknown)}. Known keys are: {allowed}.")
+        return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Coerce TOML/Flower scalars to the field's type (ints given as floats etc.)."""
+    ann = str(annotation)
+    if name == "lr":
+        return None if value in (None, "", 0, 0.0) else float(value)
+    if ann.startswith("int") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if ann.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "LORA_PRESETS", "DEFAULT_LR"]
