@@ -1,0 +1,83 @@
+"""The data layer: channel names, preprocessing, datasets split into sites.
+
+Sites hold windows of EEG in the backbone's units (0.1 mV at 200 Hz by
+default); nothing here sends data anywhere.
+"""
+
+from __future__ import annotations
+
+from .._validation import check_option
+from .base import Site, WindowSet, split_subjects
+from .channels import EEGMAT_CHANNELS, LABRAM_VOCAB, input_chans, standardize_channel_name, to_vocab
+from .eegmat import load_eegmat_sites, load_eegmat_subject, read_subject_info
+from .preprocessing import PreprocessSpec, make_windows, preprocess_raw
+from .synthetic import make_synthetic_raw, make_synthetic_sites
+
+__all__ = [
+    "DATASETS",
+    "EEGMAT_CHANNELS",
+    "LABRAM_VOCAB",
+    "PreprocessSpec",
+    "Site",
+    "WindowSet",
+    "input_chans",
+    "load_eegmat_sites",
+    "load_eegmat_subject",
+    "load_sites",
+    "make_synthetic_raw",
+    "make_synthetic_sites",
+    "make_windows",
+    "preprocess_raw",
+    "read_subject_info",
+    "split_subjects",
+    "standardize_channel_name",
+    "to_vocab",
+]
+
+#: Datasets :func:`load_sites` knows.
+DATASETS = ("synthetic", "eegmat")
+
+
+def load_sites(
+    dataset: str,
+    *,
+    data_dir=None,
+    n_sites: int = 3,
+    split: str = "year",
+    spec: PreprocessSpec = PreprocessSpec(),
+    seed: int = 0,
+) -> list[Site]:
+    """Load a dataset as a list of sites.
+
+    Parameters
+    ----------
+    dataset : {"synthetic", "eegmat"}
+        ``"synthetic"``: :func:`make_synthetic_sites` (``split`` does not apply;
+        windows follow ``spec.window_seconds`` and ``spec.sfreq``).
+        ``"eegmat"``: :func:`load_eegmat_sites` from ``data_dir``.
+    data_dir : path-like | None
+        The eegmat folder (required for ``"eegmat"``).
+    n_sites : int
+        Number of sites (for eegmat's year split it must equal the number of
+        recording years, 3).
+    split : {"year", "subject"}
+        How eegmat subjects are grouped into sites.
+    spec : PreprocessSpec
+        Preprocessing (window length and rate).
+    seed : int
+        Seed of the synthetic data.
+
+    Returns
+    -------
+    sites : list of Site
+    """
+    check_option("dataset", dataset, DATASETS)
+    check_option("split", split, ("year", "subject"))
+    if dataset == "synthetic":
+        return make_synthetic_sites(n_sites, window_seconds=spec.window_seconds, sfreq=spec.sfreq, seed=seed)
+    if data_dir is None or str(data_dir) == "":
+        raise ValueError(
+            "dataset='eegmat' needs the folder of the eegmat recordings: pass --data-dir "
+            "(data_dir=...) pointing to the folder with subject-info.csv and SubjectNN_1.edf / SubjectNN_2.edf."
+        )
+    return load_eegmat_sites(data_dir, split=split, n_sites=n_sites, spec=spec)

@@ -1,0 +1,26 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: Where the real eegmat recordings live: ../shared/data/eegmat relative to the
+#: repository root, unless FEDEEG_EEGMAT_DIR says otherwise.
+EEGMAT_DEFAULT_DIR = Path(__file__).parents[2] / "shared" / "data" / "eegmat"
+
+
+@pytest.fixture(scope="session")
+def eegmat_dir() -> Path:
+    """The real eegmat folder; skips the test when it is absent."""
+    env = os.environ.get("FEDEEG_EEGMAT_DIR")
+    path = Path(env).expanduser() if env else EEGMAT_DEFAULT_DIR
+    source = "FEDEEG_EEGMAT_DIR" if env else "the default location"
+    if not (path / "subject-info.csv").is_file() or not any(path.glob("Subject*_1.edf")):
+        pytest.skip(
+            f"eegmat data not found at {path} ({source}): needs subject-info.csv and SubjectNN_1/2.edf "
+            "(PhysioNet eegmat v1.0.0). Set FEDEEG_EEGMAT_DIR to the folder to run this test."
+        )
+    return path
