@@ -23,7 +23,7 @@ LORA_PRESETS = ("paper", "attention", "all-linear")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Default learning rates: LoRA adapters take a larger step than full fine-tuning.
-DEFAULT_LR = {"ffa": 3e-3, "fedit": 3e-3, "full": 5e-4}
+DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4}
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,9 @@ class RunConfig:
     split: str = "year"
     test_fraction: float = 0.34
     mode: str = "federated"
-    strategy: str = "ffa"
-    rounds: int = 5
-    local_epochs: int = 1
+    strategy: str = "fedit"
+    rounds: int = 10
+    local_epochs: int = 2
     backbone: str = "labram-small"
     checkpoint: str = ""
     lora_preset: str = "paper"

@@ -51,5 +51,6 @@ def test_flower_round_trip_and_unknown_keys():
 
 def test_effective_learning_rate_per_strategy():
     assert RunConfig(strategy="full").learning_rate == pytest.approx(5e-4)
-    assert RunConfig(strategy="ffa").learning_rate == pytest.approx(3e-3)
+    assert RunConfig(strategy="ffa").learning_rate == pytest.approx(1e-2)
+    assert RunConfig(strategy="fedit").learning_rate == pytest.approx(5e-3)
     assert RunConfig(strategy="ffa", lr=1e-2).learning_rate == pytest.approx(1e-2)

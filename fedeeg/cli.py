@@ -1,0 +1,213 @@
+"""The ``fedeeg`` command line: ``simulate`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="FedEEG: federated LoRA adaptation of EEG foundation models across hospitals.",
+)
+console = Console(stderr=True)
+logger = logging.getLogger("fedeeg")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    logging.getLogger("fedeeg").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("mne", "flwr", "ray", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    import mne
+
+    mne.set_log_level("INFO" if verbose else "ERROR")
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    console.print(f"[bold red]Error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fedeeg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")) -> None:
+    """FedEEG command line."""
+
+
+@app.command()
+def simulate(
+    dataset: str = typer.Option("synthetic", help="synthetic | eegmat"),
+    data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat EDF files and subject-info.csv."),
+    sites: int = typer.Option(3, help="Number of sites (synthetic, or eegmat with --split subject)."),
+    split: str = typer.Option("year", help="eegmat: year (3 sites by recording year) | subject (round-robin)."),
+    test_fraction: float = typer.Option(0.34, "--test-fraction", help="Fraction of subjects held out inside every site."),
+    mode: str = typer.Option("federated", help="federated | centralized | local (same model, same budget)."),
+    strategy: str = typer.Option("fedit", help="ffa (LoRA, A frozen: exact) | fedit (LoRA A and B averaged) | full (full fine-tuning)."),
+    rounds: int = typer.Option(10, help="Federated rounds (centralized/local: blocks of --local-epochs)."),
+    local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
+    lora_rank: int = typer.Option(2, "--lora-rank", help="LoRA rank of qkv and MLP."),
+    lora_preset: str = typer.Option("paper", "--lora-preset", help="paper | attention | all-linear."),
+    conv_rank: int = typer.Option(4, "--conv-rank", help="LoRA rank of the temporal convs (paper preset; 0 = none)."),
+    backbone: str = typer.Option("labram-small", help="labram-small | labram-base | labram-large | labram-huge."),
+    checkpoint: str = typer.Option("", help="LaBraM checkpoint file (official .pth, state dict or .safetensors)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: ffa 1e-2, fedit 5e-3, full 5e-4)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0, help="Seed of the backbone init, LoRA A, the subject split and training."),
+    out: str = typer.Option("", help="Output folder (default runs/DATASET-MODE-STRATEGY-sSEED)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run N sites on this machine (federated in Flower's simulation engine) and write OUT/."""
+    _setup_logging(verbose)
+    try:
+        from .config import RunConfig
+
+        out = out or f"runs/{dataset}-{mode}-{strategy}-s{seed}"
+        cfg = RunConfig(dataset=dataset, data_dir=data_dir, sites=sites, split=split, test_fraction=test_fraction,
+                        mode=mode, strategy=strategy, rounds=rounds, local_epochs=local_epochs, backbone=backbone,
+                        checkpoint=checkpoint, lora_preset=lora_preset, lora_rank=lora_rank, conv_rank=conv_rank,
+                        lr=lr, batch_size=batch_size, window_seconds=window_seconds, device=device, seed=seed, out=out)
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(exc, debug)
+    try:
+        _run_simulate(cfg, verbose)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        _fail(exc, debug)
+
+
+def _run_simulate(cfg, verbose: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .experiment import prepare_sites, run_centralized, run_local
+    from .outputs import write_outputs
+
+    start = time.perf_counter()
+    with console.status(f"Loading {cfg.dataset} sites and holding out subjects…"):
+        sites = prepare_sites(cfg)
+    table = Table(title=f"{len(sites)} sites ({cfg.dataset})", show_edge=False)
+    for col in ("site", "train subj.", "train win.", "test subj.", "test win."):
+        table.add_column(col, justify="right")
+    for s in sites:
+        d = s.describe()
+        table.add_row(s.name, str(d["train_subjects"]), str(d["train_windows"]), str(d["test_subjects"]), str(d["test_windows"]))
+    console.print(table)
+    console.print(f"mode [bold]{cfg.mode}[/], strategy [bold]{cfg.strategy}[/], backbone {cfg.backbone}, "
+                  f"{cfg.rounds} rounds × {cfg.local_epochs} local epochs, seed {cfg.seed}")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    task = progress.add_task(cfg.mode, total=cfg.rounds)
+
+    def on_round(rec: dict) -> None:
+        t = rec["test"]
+        progress.console.print(
+            f"round {rec['round']:>3}  loss {rec['train_loss']:.4f}  held-out bal.acc {_fmt(t['balanced_accuracy'])}  "
+            f"kappa {_fmt(t['cohen_kappa'])}  AUROC {_fmt(t['auroc'])}  ({rec['seconds']:.1f} s)"
+        )
+        progress.advance(task)
+
+    with progress:
+        if cfg.mode == "federated":
+            from .federation.simulation import run_federated_simulation
+
+            result = run_federated_simulation(cfg, n_sites=len(sites), on_round=on_round, verbose=verbose)
+        elif cfg.mode == "centralized":
+            result = run_centralized(cfg, sites, on_round)
+        else:
+            result = run_local(cfg, sites, on_round)
+    wall = time.perf_counter() - start
+    out = write_outputs(cfg, result, wall_seconds=wall)
+    summary = json.loads((out / "summary.json").read_text())
+    res = Table(title=f"held-out subjects — {cfg.mode} {cfg.strategy}", show_edge=False)
+    res.add_column("")
+    for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc"):
+        res.add_column(k, justify="right")
+    res.add_row("pooled", *[_fmt(summary["test"][k]) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")])
+    for name, m in summary["per_site"].items():
+        res.add_row(name, *[_fmt(m[k]) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")])
+    console.print(res)
+    comm = summary["communication"]
+    console.print(f"trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters; "
+                  f"upload {comm['bytes_up_per_site_per_round']:,} B/site/round; {wall:.1f} s")
+    console.print(f"outputs in [bold]{out}[/]: summary.json, metrics.jsonl, "
+                  f"{'adapters/' if cfg.mode == 'local' else 'adapter/'}, learning_curve.png")
+
+
+@app.command()
+def evaluate(
+    adapter: Path = typer.Option(..., help="Model folder written by a run (OUT/adapter)."),
+    dataset: str = typer.Option("synthetic", help="synthetic | eegmat"),
+    data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat recordings."),
+    checkpoint: str = typer.Option("", help="Backbone checkpoint, if the adapter was trained on one."),
+    sites: int = typer.Option(3, help="Synthetic: number of sites to generate."),
+    seed: int = typer.Option(12345, help="Synthetic: seed of the generated data (default: subjects unseen in training)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only a JSON object."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Evaluate a saved adapter on a dataset, with the preprocessing recorded in it."""
+    _setup_logging(verbose and not as_json)
+    if as_json:
+        logging.getLogger("fedeeg").setLevel(logging.WARNING)
+    try:
+        from .evaluation import evaluate_model_dir
+
+        result = evaluate_model_dir(adapter, dataset=dataset, data_dir=data_dir or None, checkpoint=checkpoint or None,
+                                    n_sites=sites, seed=seed)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(title=f"{adapter} on {dataset}", show_edge=False)
+    table.add_column("")
+    for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc", "n_windows"):
+        table.add_column(k, justify="right")
+    table.add_row("all", *[_fmt(result[k]) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")], str(result["n_windows"]))
+    for name, m in result["per_site"].items():
+        table.add_row(name, *[_fmt(m[k]) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")], str(m["n_windows"]))
+    Console().print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

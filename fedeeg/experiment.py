@@ -1,0 +1,198 @@
+"""Flower-free glue of a run: sites and their splits, the model, and the
+centralized and local-only baselines that the federated run is compared with.
+
+The federated mode lives in :mod:`fedeeg.federation` (the only place that
+imports Flower) and uses the same pieces.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .config import RunConfig
+from .data.base import WindowSet, split_subjects
+from .metrics import pool_metrics
+from .training import evaluate, resolve_device, train_epochs
+
+logger = logging.getLogger(__name__)
+
+#: Label names of the built-in datasets (the federation's label set).
+DATASET_LABELS = {"synthetic": ("rest", "arithmetic"), "eegmat": ("rest", "arithmetic")}
+
+
+@dataclass
+class SiteSplit:
+    """One site's training and held-out test windows (subjects disjoint)."""
+
+    name: str
+    train: WindowSet
+    test: WindowSet
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """Aggregate counts only (no identifiers)."""
+        return {
+            "train_windows": self.train.n_windows,
+            "test_windows": self.test.n_windows,
+            "train_subjects": len(self.train.subjects),
+            "test_subjects": len(self.test.subjects),
+            **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str))},
+        }
+
+
+def preprocess_spec(cfg: RunConfig):
+    """The preprocessing every site applies for this run."""
+    from .data.preprocessing import PreprocessSpec
+
+    return PreprocessSpec(window_seconds=float(cfg.window_seconds))
+
+
+@functools.lru_cache(maxsize=8)
+def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, window_seconds: float) -> tuple[SiteSplit, ...]:
+    from .data import load_sites
+    from .data.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(window_seconds=float(window_seconds))
+    loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed)
+    out = []
+    for i, site in enumerate(loaded):
+        train, test = split_subjects(site.windows, test_fraction, seed=seed * 1009 + i)
+        out.append(SiteSplit(site.name, train, test, dict(site.info)))
+    return tuple(out)
+
+
+def prepare_sites(cfg: RunConfig) -> list[SiteSplit]:
+    """Load the run's sites and hold out subjects inside every site.
+
+    Memoised in-process: a simulated client asks for its site on every message.
+    """
+    return list(
+        _prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed, float(cfg.window_seconds))
+    )
+
+
+def lora_spec(cfg: RunConfig):
+    """The :class:`fedeeg.models.LoraSpec` of a run config."""
+    from .models import LoraSpec
+
+    return LoraSpec(
+        preset=cfg.lora_preset,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        conv_rank=cfg.conv_rank or None,
+    )
+
+
+def build_model(cfg: RunConfig, *, n_outputs: int) -> nn.Module:
+    """The run's model, identical at every site for the same config.
+
+    The backbone is initialised from ``cfg.seed`` (or loaded from
+    ``cfg.checkpoint``); LoRA A matrices are drawn from the same seed, so under
+    ``ffa`` every site holds the same frozen A.
+    """
+    from .models import apply_lora, build_backbone
+
+    backbone = build_backbone(cfg.backbone, n_outputs=n_outputs, seed=cfg.seed, checkpoint=cfg.checkpoint or None)
+    if cfg.strategy == "full":
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        return backbone
+    return apply_lora(backbone, lora_spec(cfg), freeze_a=cfg.strategy == "ffa", seed=cfg.seed)
+
+
+@dataclass
+class RunResult:
+    """What a run produced, ready for :func:`fedeeg.outputs.write_outputs`."""
+
+    history: list[dict]
+    per_site: dict[str, dict]
+    test: dict
+    models: dict[str, nn.Module]
+    communication: dict
+    sites: dict[str, dict]
+    channels: tuple[str, ...] = ()
+    sfreq: float = 200.0
+    label_names: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+def _round_record(rnd: int, per_site: dict[str, dict], losses: list[tuple[float, int]], seconds: float, **extra) -> dict:
+    pooled = pool_metrics(list(per_site.values()))
+    n = sum(w for _, w in losses)
+    return {
+        "round": rnd,
+        "train_loss": float(sum(l * w for l, w in losses) / n) if n else float("nan"),
+        "test": {k: v for k, v in pooled.items() if k != "confusion"},
+        "per_site": {s: {k: v for k, v in m.items() if k != "confusion"} for s, m in per_site.items()},
+        "seconds": round(seconds, 3),
+        **extra,
+    }
+
+
+def run_centralized(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict], None] | None = None) -> RunResult:
+    """One model on the pooled training windows of all sites, same budget as federated.
+
+    Trains ``rounds`` blocks of ``local_epochs`` epochs and evaluates on every
+    site's held-out subjects after each block.
+    """
+    device = resolve_device(cfg.device)
+    pooled = WindowSet.concatenate([s.train for s in sites])
+    model = build_model(cfg, n_outputs=len(pooled.label_names))
+    history = []
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        res = train_epochs(model, pooled, epochs=cfg.local_epochs, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           batch_size=cfg.batch_size, device=device, seed=cfg.seed * 100_003 + rnd)
+        per_site = {s.name: evaluate(model, s.test, device=device) for s in sites}
+        rec = _round_record(rnd, per_site, [(res.loss, res.n_examples)], time.perf_counter() - t0,
+                            windows_per_second=round(res.windows_per_second, 1))
+        history.append(rec)
+        if on_round:
+            on_round(rec)
+    final = {s.name: evaluate(model, s.test, device=device) for s in sites}
+    return RunResult(history, final, pool_metrics(list(final.values())), {"global": model},
+                     {"bytes_up_per_site_per_round": 0, "bytes_down_per_site_per_round": 0},
+                     {s.name: s.describe() for s in sites}, pooled.ch_names, pooled.sfreq, pooled.label_names)
+
+
+def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict], None] | None = None) -> RunResult:
+    """One model per site on its own training windows, evaluated on its own held-out subjects.
+
+    Same model and budget as the federated run; no communication. The pooled
+    ``test`` sums the sites' confusion matrices (each site's own model on its
+    own patients); ``per_site_mean`` in ``extra`` is the mean over sites.
+    """
+    device = resolve_device(cfg.device)
+    models = {s.name: build_model(cfg, n_outputs=len(s.train.label_names)) for s in sites}
+    history = []
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        per_site, losses = {}, []
+        for i, s in enumerate(sites):
+            res = train_epochs(models[s.name], s.train, epochs=cfg.local_epochs, lr=cfg.learning_rate,
+                               weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, device=device,
+                               seed=cfg.seed * 100_003 + rnd * 101 + i)
+            losses.append((res.loss, res.n_examples))
+            per_site[s.name] = evaluate(models[s.name], s.test, device=device)
+        rec = _round_record(rnd, per_site, losses, time.perf_counter() - t0)
+        history.append(rec)
+        if on_round:
+            on_round(rec)
+    final = {s.name: evaluate(models[s.name], s.test, device=device) for s in sites}
+    first = sites[0].train
+    mean = {k: float(np.mean([m[k] for m in final.values()])) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")}
+    return RunResult(history, final, pool_metrics(list(final.values())), models,
+                     {"bytes_up_per_site_per_round": 0, "bytes_down_per_site_per_round": 0},
+                     {s.name: s.describe() for s in sites}, first.ch_names, first.sfreq, first.label_names,
+                     extra={"per_site_mean": mean})
+
+
+__all__ = ["DATASET_LABELS", "SiteSplit", "prepare_sites", "lora_spec", "build_model", "RunResult", "run_centralized", "run_local", "preprocess_spec"]

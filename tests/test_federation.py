@@ -1,0 +1,180 @@
+"""Federation: what a client sends, exact FFA aggregation, and a run through Flower's engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedeeg.aggregation import lora_delta, weighted_average
+from fedeeg.config import RunConfig
+from fedeeg.experiment import build_model, prepare_sites
+
+@pytest.fixture(autouse=True)
+def _flower_task_identity():
+    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+SMALL = dict(backbone="labram-small", sites=2, rounds=1, batch_size=16, window_seconds=2.0, device="cpu")
+
+
+def _train_message(cfg: RunConfig, rnd: int = 1):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedeeg.federation import records as R
+    from fedeeg.models import trainable_state_dict
+
+    model = build_model(cfg, n_outputs=2)
+    content = RecordDict({R.ARRAYS: R.state_to_record(trainable_state_dict(model)),
+                          R.CONFIG: ConfigRecord({"server-round": rnd})})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN), model
+
+
+def _context(pid: int):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("strategy", ["ffa", "fedit"])
+def test_client_reply_holds_only_adapter_head_arrays_and_scalar_metrics(strategy):
+    # Prepare
+    from fedeeg.federation.client_app import handle
+
+    cfg = RunConfig(strategy=strategy, **SMALL)
+    message, model = _train_message(cfg)
+    site = prepare_sites(cfg)[0]
+    # Execute: what site 0 actually sends back
+    reply = handle(message, _context(0), cfg, "train")
+    # Assert
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.array_records) == {"arrays"}
+    names = list(content.array_records["arrays"].keys())
+    assert names and all(("lora_" in n) or ("modules_to_save" in n) for n in names), names
+    if strategy == "ffa":
+        assert not any("lora_A" in n for n in names), "ffa must not send the frozen A"
+    else:
+        assert any("lora_A" in n for n in names)
+    # No array is shaped like EEG windows, and their total size is the trainable parameters'.
+    arrays = content.array_records["arrays"]
+    n_values = sum(int(np.prod(a.shape)) for a in arrays.values())
+    assert n_values == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for a in arrays.values():
+        assert tuple(a.shape[-2:]) != (site.train.n_chans, site.train.n_times)
+    # Metrics are scalars (and the counts of one confusion matrix), nothing per window.
+    metrics = content.metric_records["metrics"]
+    assert set(metrics) == {"num-examples", "train-loss", "windows-per-second"}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["num-examples"] == site.train.n_windows
+    site_rec = content.config_records["site"]
+    assert set(site_rec) == {"name", "ch-names", "sfreq"}
+    assert not any(s in str(dict(site_rec)) for s in site.train.subjects), "no subject ids leave the site"
+
+
+def test_client_evaluate_reply_is_aggregate():
+    from flwr.app import MessageType
+
+    from fedeeg.federation.client_app import handle
+
+    cfg = RunConfig(**SMALL)
+    message, _ = _train_message(cfg)
+    message.metadata.message_type = MessageType.EVALUATE
+    reply = handle(message, _context(1), cfg, "evaluate")
+    assert not reply.has_error()
+    assert set(reply.content.array_records) == set()
+    m = reply.content.metric_records["metrics"]
+    assert set(m) == {"balanced-accuracy", "cohen-kappa", "macro-f1", "auroc", "num-examples", "confusion"}
+    assert len(m["confusion"]) == 4 and sum(m["confusion"]) == m["num-examples"]
+
+
+def test_client_reports_bad_update_as_error_reply_not_crash():
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from fedeeg.federation.client_app import handle
+
+    cfg = RunConfig(**SMALL)
+    bad = RecordDict({"arrays": ArrayRecord({"head.weight": torch.zeros(3, 3)}), "config": ConfigRecord({"server-round": 1})})
+    reply = handle(Message(bad, dst_node_id=1, message_type=MessageType.TRAIN), _context(0), cfg, "train")
+    assert reply.has_error()
+    assert "head.weight" in reply.error.reason
+
+
+def _train_site(cfg: RunConfig, site_index: int):
+    from fedeeg.models import trainable_state_dict
+    from fedeeg.training import train_epochs
+
+    site = prepare_sites(cfg)[site_index]
+    model = build_model(cfg, n_outputs=2)
+    train_epochs(model, site.train, epochs=1, lr=5e-2, batch_size=16, device="cpu", seed=site_index)
+    return model, {k: v.numpy() for k, v in trainable_state_dict(model).items()}, site.train.n_windows
+
+
+def _pairs(model):
+    from fedeeg.models import lora_pairs
+
+    return {k: (a.detach().numpy().copy(), b.detach().numpy().copy()) for k, (a, b) in lora_pairs(model).items()}
+
+
+def test_ffa_average_equals_exact_average_of_BA_products():
+    # Prepare: two sites train from the same global model
+    from fedeeg.models import load_trainable_state_dict
+
+    cfg = RunConfig(strategy="ffa", **SMALL)
+    m0, s0, n0 = _train_site(cfg, 0)
+    m1, s1, n1 = _train_site(cfg, 1)
+    # Execute: the server's aggregation, loaded into a fresh global model
+    agg = weighted_average([(s0, n0), (s1, n1)])
+    glob = build_model(cfg, n_outputs=2)
+    load_trainable_state_dict(glob, {k: torch.from_numpy(v) for k, v in agg.items()})
+    # Assert: for every adapted module, B_glob A_glob == weighted mean of B_i A_i
+    w0, w1 = n0 / (n0 + n1), n1 / (n0 + n1)
+    p0, p1, pg = _pairs(m0), _pairs(m1), _pairs(glob)
+    assert pg, "no LoRA pairs found"
+    for name in pg:
+        exact = w0 * lora_delta(*p0[name]) + w1 * lora_delta(*p1[name])
+        np.testing.assert_allclose(lora_delta(*pg[name]), exact, rtol=1e-5, atol=1e-7)
+        assert np.abs(exact).max() > 0, f"{name}: sites did not train B"
+
+
+def test_fedit_average_is_not_exact():
+    # The same check fails for fedit, where A also trains: mean(B) mean(A) != mean(B A).
+    from fedeeg.models import load_trainable_state_dict
+
+    cfg = RunConfig(strategy="fedit", **SMALL)
+    m0, s0, n0 = _train_site(cfg, 0)
+    m1, s1, n1 = _train_site(cfg, 1)
+    glob = build_model(cfg, n_outputs=2)
+    load_trainable_state_dict(glob, {k: torch.from_numpy(v) for k, v in weighted_average([(s0, n0), (s1, n1)]).items()})
+    w0, w1 = n0 / (n0 + n1), n1 / (n0 + n1)
+    p0, p1, pg = _pairs(m0), _pairs(m1), _pairs(glob)
+    gaps = [np.abs(lora_delta(*pg[k]) - (w0 * lora_delta(*p0[k]) + w1 * lora_delta(*p1[k]))).max() for k in pg]
+    assert max(gaps) > 1e-6
+
+
+@pytest.mark.slow
+def test_two_sites_one_round_through_flower_simulation(tmp_path):
+    # Prepare
+    from fedeeg.federation.simulation import run_federated_simulation
+    from fedeeg.outputs import write_outputs
+
+    cfg = RunConfig(strategy="ffa", out=str(tmp_path / "run"), **SMALL)
+    # Execute: Flower's simulation engine (Ray), 2 virtual SuperNodes
+    result = run_federated_simulation(cfg, n_sites=2)
+    out = write_outputs(cfg, result, wall_seconds=1.0)
+    # Assert
+    assert len(result.history) == 1
+    rec = result.history[0]
+    assert rec["sites_answered"] == 2 and rec["rejected"] == []
+    assert set(rec["per_site"]) == {"site-0", "site-1"}
+    assert 0.0 <= rec["test"]["balanced_accuracy"] <= 1.0
+    assert result.communication["bytes_up_per_site_per_round"] > 0
+    for name in ("summary.json", "metrics.jsonl", "learning_curve.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/fedeeg_manifest.json"):
+        assert (out / name).is_file(), name
