@@ -24,3 +24,14 @@ def eegmat_dir() -> Path:
             "(PhysioNet eegmat v1.0.0). Set FEDEEG_EEGMAT_DIR to the folder to run this test."
         )
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Test models are tiny: intra-op threads gain nothing and stall badly on a shared 2-core CPU."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)

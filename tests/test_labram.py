@@ -16,15 +16,6 @@ from fedeeg.models import BACKBONES, LaBraM, LaBraMConfig, build_backbone, load_
 CH_NAMES = ["FP1", "FP2", "F3", "F4", "C3", "CZ", "C4", "P3", "PZ", "P4", "O1", "O2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, which stall badly when the CPU is shared."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 def _x(n_chans: int = len(CH_NAMES), n_times: int = 400, batch: int = 2, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, n_chans, n_times, generator=gen)
