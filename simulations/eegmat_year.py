@@ -29,7 +29,6 @@ CELLS = [
     ("federated full", ["--mode", "federated", "--strategy", "full"]),
     ("centralized LoRA (ffa)", ["--mode", "centralized", "--strategy", "ffa"]),
     ("centralized LoRA (fedit)", ["--mode", "centralized", "--strategy", "fedit"]),
-    ("local-only LoRA (ffa)", ["--mode", "local", "--strategy", "ffa"]),
     ("local-only LoRA (fedit)", ["--mode", "local", "--strategy", "fedit"]),
 ]
 

@@ -178,3 +178,58 @@ def test_two_sites_one_round_through_flower_simulation(tmp_path):
     for name in ("summary.json", "metrics.jsonl", "learning_curve.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/fedeeg_manifest.json"):
         assert (out / name).is_file(), name
+
+
+class _InProcessGrid:
+    """A Grid stand-in that delivers messages to ClientApp handlers in this process.
+
+    Lets the ServerApp loop be tested without Ray; ``corrupt`` names a node whose
+    training reply is tampered with (NaN in every tensor) on its way back.
+    """
+
+    def __init__(self, cfg: RunConfig, n_nodes: int, corrupt: int | None = None):
+        self.cfg, self.nodes, self.corrupt = cfg, list(range(1, n_nodes + 1)), corrupt
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ArrayRecord, Message, RecordDict
+
+        from fedeeg.federation.client_app import handle
+
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            action = "train" if msg.metadata.message_type == "train" else "evaluate"
+            reply = handle(msg, _context(nid - 1), self.cfg, action)
+            if action == "train" and nid == self.corrupt and not reply.has_error():
+                arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+                bad = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
+                content = RecordDict({"arrays": ArrayRecord(bad), "metrics": reply.content.metric_records["metrics"],
+                                      "site": reply.content.config_records["site"]})
+                reply = Message(content, reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def test_server_rejects_tampered_update_and_round_continues(caplog):
+    # Prepare: two sites; site 2's update arrives with NaNs
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 2})
+    grid = _InProcessGrid(cfg, n_nodes=2, corrupt=2)
+    # Execute
+    with caplog.at_level("WARNING", logger="fedeeg"):
+        result = run_federation(grid, cfg, n_sites=2)
+    # Assert: the bad update is refused with site and reason, the good one is merged, both rounds ran
+    assert [h["round"] for h in result.history] == [1, 2]
+    for rec in result.history:
+        assert rec["sites_answered"] == 1
+        assert len(rec["rejected"]) == 1 and rec["rejected"][0]["site"] == "site-1"
+        assert "non-finite" in rec["rejected"][0]["reason"]
+    assert "site 'site-1' rejected" in caplog.text
+    from fedeeg.models import trainable_state_dict
+
+    assert all(torch.isfinite(v).all() for v in trainable_state_dict(result.models["global"]).values())
+    assert set(result.per_site) == {"site-0", "site-1"}

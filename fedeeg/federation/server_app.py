@@ -109,6 +109,7 @@ def run_federation(
                 logger.warning("Round %d: %s", rnd, exc)
                 continue
             m = reply.content.metric_records[R.METRICS]
+            site_info[name]["train_windows"] = int(m["num-examples"])
             updates.append((update, float(m["num-examples"])))
             losses.append((float(m["train-loss"]), int(m["num-examples"])))
             up_sizes.append(arrays.count_bytes())
@@ -129,6 +130,8 @@ def run_federation(
                 continue
             name = str(reply.content.config_records[R.SITE]["name"])
             per_site[name] = R.metric_record_to_eval(reply.content.metric_records[R.METRICS])
+            if name in site_info:
+                site_info[name]["test_windows"] = per_site[name]["n_windows"]
         per_site = dict(sorted(per_site.items()))
         if not per_site:
             raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
@@ -150,7 +153,7 @@ def run_federation(
             "bytes_up_per_site_per_round": int(np.mean(bytes_up)) if bytes_up else 0,
             "bytes_down_per_site_per_round": int(np.mean(bytes_down)) if bytes_down else 0,
         },
-        sites={name: {} for name in sorted(site_info)},
+        sites={name: {k: v for k, v in info.items() if k.endswith("_windows")} for name, info in sorted(site_info.items())},
         channels=tuple(first["ch_names"]),
         sfreq=first["sfreq"],
         label_names=label_names,
