@@ -124,7 +124,7 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def _round_record(rnd: int, per_site: dict[str, dict], losses: list[tuple[float, int]], seconds: float, **extra) -> dict:
+def round_record(rnd: int, per_site: dict[str, dict], losses: list[tuple[float, int]], seconds: float, **extra) -> dict:
     pooled = pool_metrics(list(per_site.values()))
     n = sum(w for _, w in losses)
     return {
@@ -152,7 +152,7 @@ def run_centralized(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[
         res = train_epochs(model, pooled, epochs=cfg.local_epochs, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            batch_size=cfg.batch_size, device=device, seed=cfg.seed * 100_003 + rnd)
         per_site = {s.name: evaluate(model, s.test, device=device) for s in sites}
-        rec = _round_record(rnd, per_site, [(res.loss, res.n_examples)], time.perf_counter() - t0,
+        rec = round_record(rnd, per_site, [(res.loss, res.n_examples)], time.perf_counter() - t0,
                             windows_per_second=round(res.windows_per_second, 1))
         history.append(rec)
         if on_round:
@@ -182,7 +182,7 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                                seed=cfg.seed * 100_003 + rnd * 101 + i)
             losses.append((res.loss, res.n_examples))
             per_site[s.name] = evaluate(models[s.name], s.test, device=device)
-        rec = _round_record(rnd, per_site, losses, time.perf_counter() - t0)
+        rec = round_record(rnd, per_site, losses, time.perf_counter() - t0)
         history.append(rec)
         if on_round:
             on_round(rec)
@@ -195,4 +195,4 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                      extra={"per_site_mean": mean})
 
 
-__all__ = ["DATASET_LABELS", "SiteSplit", "prepare_sites", "lora_spec", "build_model", "RunResult", "run_centralized", "run_local", "preprocess_spec"]
+__all__ = ["DATASET_LABELS", "SiteSplit", "prepare_sites", "lora_spec", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]

@@ -132,7 +132,7 @@ def write_outputs(cfg: RunConfig, result: RunResult, *, wall_seconds: float, out
         raise ValueError("write_outputs needs an output folder: set 'out' (--out).")
     out.mkdir(parents=True, exist_ok=True)
     summary = build_summary(cfg, result, wall_seconds=wall_seconds)
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(h, default=_json_default) + "\n" for h in result.history))
+    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(_nan_to_none(h)) + "\n" for h in result.history))
     if cfg.mode == "local":
         for name, model in result.models.items():
             save_model_dir(model, out / "adapters" / name, manifest=model_manifest(cfg, result, model))
@@ -144,6 +144,17 @@ def write_outputs(cfg: RunConfig, result: RunResult, *, wall_seconds: float, out
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     logger.info("wrote %s", out)
     return out
+
+
+def _nan_to_none(obj):
+    """Strict JSON: NaN metrics (e.g. AUROC of a one-class test set) become null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
 
 
 def _json_default(obj):

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..aggregation import UpdateRejected, check_update, weighted_average
 from ..config import RunConfig
-from ..experiment import DATASET_LABELS, RunResult, _round_record, build_model
+from ..experiment import DATASET_LABELS, RunResult, round_record, build_model
 from ..metrics import pool_metrics
 from . import records as R
 
@@ -135,7 +135,7 @@ def run_federation(
         per_site = dict(sorted(per_site.items()))
         if not per_site:
             raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
-        rec = _round_record(rnd, per_site, losses, time.perf_counter() - t0,
+        rec = round_record(rnd, per_site, losses, time.perf_counter() - t0,
                             sites_answered=len(updates), rejected=rejected,
                             bytes_up_per_site=int(np.mean(up_sizes)) if up_sizes else 0,
                             bytes_down_per_site=int(down.count_bytes()))
