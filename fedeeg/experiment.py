@@ -55,11 +55,9 @@ def preprocess_spec(cfg: RunConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, window_seconds: float) -> tuple[SiteSplit, ...]:
+def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, spec) -> tuple[SiteSplit, ...]:
     from .data import load_sites
-    from .data.preprocessing import PreprocessSpec
 
-    spec = PreprocessSpec(window_seconds=float(window_seconds))
     loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed)
     out = []
     for i, site in enumerate(loaded):
@@ -73,9 +71,7 @@ def prepare_sites(cfg: RunConfig) -> list[SiteSplit]:
 
     Memoised in-process: a simulated client asks for its site on every message.
     """
-    return list(
-        _prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed, float(cfg.window_seconds))
-    )
+    return list(_prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed, preprocess_spec(cfg)))
 
 
 def lora_spec(cfg: RunConfig):

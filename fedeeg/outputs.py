@@ -132,7 +132,7 @@ def write_outputs(cfg: RunConfig, result: RunResult, *, wall_seconds: float, out
         raise ValueError("write_outputs needs an output folder: set 'out' (--out).")
     out.mkdir(parents=True, exist_ok=True)
     summary = build_summary(cfg, result, wall_seconds=wall_seconds)
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(_nan_to_none(h)) + "\n" for h in result.history))
+    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(_nan_to_none(h), default=_json_default) + "\n" for h in result.history))
     if cfg.mode == "local":
         for name, model in result.models.items():
             save_model_dir(model, out / "adapters" / name, manifest=model_manifest(cfg, result, model))
@@ -141,7 +141,7 @@ def write_outputs(cfg: RunConfig, result: RunResult, *, wall_seconds: float, out
         save_model_dir(model, out / "adapter", manifest=model_manifest(cfg, result, model))
     title = f"{cfg.mode} {cfg.strategy} on {cfg.dataset} ({cfg.backbone}, seed {cfg.seed})"
     plot_learning_curve(result.history, out / "learning_curve.png", title)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    _atomic_write(out / "summary.json", json.dumps(_nan_to_none(summary), indent=2, default=_json_default) + "\n")
     logger.info("wrote %s", out)
     return out
 
@@ -158,13 +158,8 @@ def _nan_to_none(obj):
 
 
 def _json_default(obj):
-    try:
-        import numpy as np
+    import numpy as np
 
-        if isinstance(obj, np.generic):
-            return obj.item()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")

@@ -41,9 +41,11 @@ def _site_index(context: Context, n_sites: int) -> int:
 
 
 def _model(cfg: RunConfig, n_outputs: int):
-    """One model per actor process, reused across rounds (rebuilding costs seconds)."""
-    key = (cfg.backbone, cfg.checkpoint, cfg.strategy, cfg.lora_preset, cfg.lora_rank, cfg.lora_alpha,
-           cfg.lora_dropout, cfg.conv_rank, cfg.seed, n_outputs)
+    """One model per actor process, reused across rounds (rebuilding costs seconds).
+
+    Keyed on the whole (frozen) run config: every message of a run carries the same one.
+    """
+    key = (cfg, n_outputs)
     if key not in _MODEL_CACHE:
         from ..experiment import build_model
 
