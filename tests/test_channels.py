@@ -41,6 +41,45 @@ def test_standardize_channel_name(raw, expected):
     assert standardize_channel_name(raw) == expected
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # case and prefixes
+        ("fp1", "FP1"), ("EEG_Fz", "FZ"), ("EEG-C4", "C4"),
+        # reference suffixes: common, linked ears, average, one ear/mastoid or both
+        ("EEG FP1-REF", "FP1"), ("EEG O1-AVG", "O1"), ("Cz-AV", "CZ"), ("EEG C3-CAR", "C3"), ("F4-AR", "F4"),
+        ("EEG C3-A2", "C3"), ("EEG C4-A1", "C4"), ("P3-M2", "P3"), ("P4-M1", "P4"), ("O2-A1A2", "O2"),
+        ("EEG A1-REF", "A1"),
+        # derivations between ear/mastoid electrodes stay whole (not in the vocabulary: dropped)
+        ("EEG A2-A1", "A2-A1"), ("M1-M2", "M1-M2"),
+        # one name per electrode: 10-10 T7/T8/P7/P8 -> the 10-20 slots LaBraM's reference mapping uses
+        ("T7", "T3"), ("EEG T8-REF", "T4"), ("P7", "T5"), ("p8", "T6"), ("T3", "T3"), ("EEG T6-LE", "T6"),
+        # EEGBCI trailing dots
+        ("Cz..", "CZ"), ("Fc5.", "FC5"), ("T7..", "T3"), ("Afz.", "AFZ"), ("Iz..", "IZ"),
+        # bipolar names use the vocabulary's bipolar spelling (10-10 names)
+        ("EEG T3-T5", "T7-P7"), ("F8-T4", "F8-T8"), ("T6-O2", "P8-O2"), ("EEG FP1-F7", "FP1-F7"),
+    ],
+)  # fmt: skip
+def test_standardize_channel_name_renaming_rules(raw, expected):
+    # Execute / Assert
+    assert standardize_channel_name(raw) == expected
+
+
+def test_old_and_new_names_of_one_electrode_share_one_embedding_slot():
+    # Execute
+    old = input_chans(["T3", "T4", "T5", "T6"])
+    new = input_chans(["EEG T7-REF", "T8..", "P7", "EEG P8"])
+    bipolar = input_chans(["EEG T3-T5"]) + input_chans(["T7-P7"])
+    # Assert: slots 89, 91, 90, 92 (the checkpoint notes' eegmat mapping), whichever spelling
+    assert old == new == [0, 89, 91, 90, 92]
+    assert bipolar == [0, LABRAM_VOCAB.index("T7-P7") + 1] * 2
+
+
+def test_to_vocab_rejects_old_and_new_name_of_the_same_electrode():
+    with pytest.raises(ValueError, match=r"'T3' and 'T7' -> 'T3'"):
+        to_vocab(["T3", "Cz", "T7"])
+
+
 def test_to_vocab_maps_eegmat_names_in_order():
     # Execute
     names = to_vocab(EEGMAT_RAW)

@@ -10,8 +10,13 @@ from .._validation import check_option
 from .base import Site, WindowSet, split_subjects
 from .channels import EEGMAT_CHANNELS, LABRAM_VOCAB, input_chans, standardize_channel_name, to_vocab
 from .eegmat import load_eegmat_sites, load_eegmat_subject, read_subject_info
-from .preprocessing import PreprocessSpec, make_windows, preprocess_raw
+from .cache import WindowCache, default_cache_dir
+from .preprocessing import HarmoniseReport, PreprocessSpec, make_windows, preprocess_raw, reject_windows
 from .synthetic import make_synthetic_raw, make_synthetic_sites
+from .check import CheckReport, check_site
+from .labels import LabelError, Segment, label_from_filename, read_label_table, segments_from_annotations
+from .readers import DataFileError, find_bids_recordings, read_raw_file
+from .site import SiteConfig, SiteConfigError, SiteDataError, SiteReport, load_site_config, load_site_windows
 
 __all__ = [
     "DATASETS",
@@ -32,6 +37,28 @@ __all__ = [
     "split_subjects",
     "standardize_channel_name",
     "to_vocab",
+    # hospital data in common formats (readers, labels, site files, checks)
+    "CheckReport",
+    "DataFileError",
+    "LabelError",
+    "Segment",
+    "SiteConfig",
+    "SiteConfigError",
+    "SiteDataError",
+    "SiteReport",
+    "check_site",
+    "find_bids_recordings",
+    "label_from_filename",
+    "load_site_config",
+    "load_site_windows",
+    "read_label_table",
+    "read_raw_file",
+    "segments_from_annotations",
+    # harmonisation and the preprocessed cache
+    "HarmoniseReport",
+    "WindowCache",
+    "default_cache_dir",
+    "reject_windows",
 ]
 
 #: Datasets :func:`load_sites` knows.

@@ -2,8 +2,9 @@
 
 The backbone has one position embedding per vocabulary entry; a channel is
 usable only if its name maps to an entry. Recordings name channels in many
-ways (``"EEG Fp1"``, ``"EEG FP1-REF"``, ``"Fp1."``); :func:`standardize_channel_name`
-removes the usual decorations and :func:`to_vocab` checks the result.
+ways (``"EEG Fp1"``, ``"EEG FP1-REF"``, ``"Fp1."``, ``"T7"`` for ``"T3"``);
+:func:`standardize_channel_name` removes the usual decorations and gives every
+electrode one name, and :func:`to_vocab` checks the result.
 """
 
 from __future__ import annotations
@@ -47,16 +48,42 @@ _VOCAB_LOOKUP: dict[str, str] = {name.upper(): name for name in LABRAM_VOCAB}
 _VOCAB_INDEX: dict[str, int] = {name: i for i, name in enumerate(LABRAM_VOCAB)}
 
 _PREFIXES = ("EEG ", "EEG-", "EEG_")
-_SUFFIXES = ("-REF", "-LE", "-AR", "-AVG")
+#: Reference suffixes, longest first: common reference, linked ears, average,
+#: one ear/mastoid or both (``"C3-A2"`` is C3 referenced to A2).
+_SUFFIXES = ("-A1A2", "-M1M2", "-REF", "-AVG", "-CAR", "-LE", "-AR", "-AV", "-A1", "-A2", "-M1", "-M2")
+#: Ear and mastoid electrodes: ``"A2-A1"`` is a derivation between reference
+#: electrodes (eegmat's reference pair), not A2 referenced to A1, so it is kept whole.
+_REFERENCE_ELECTRODES = frozenset({"A1", "A2", "M1", "M2"})
+_EAR_SUFFIXES = frozenset({"A1", "A2", "M1", "M2", "A1A2", "M1M2"})
+
+# Old (10-20) and new (10-10) names of the same four electrodes. LaBraM's vocabulary
+# has a slot for each spelling (T3 and T7, ...), but one electrode must always get
+# the same position embedding, whatever a site calls it, so every spelling is
+# mapped to ONE name. For single electrodes that is the OLD name: the reference
+# mapping of the checkpoint notes puts eegmat's T3/T4/T5/T6 in the old-name slots
+# (89, 91, 90, 92), as LaBraM's own fine-tuning code does for TUH-style data, and
+# every adapter trained so far used those slots; mapping to the new names instead
+# would silently move 4 of eegmat's 19 channels to other embeddings. The vocabulary's
+# bipolar derivations exist only in new names (``"T7-P7"``), so inside a bipolar
+# name the new names are used (``"T3-T5"`` -> ``"T7-P7"``). The montage holds both
+# spellings at the same position, so interpolation is unaffected.
+_NEW_TO_OLD = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}
+_OLD_TO_NEW = {old: new for new, old in _NEW_TO_OLD.items()}
 
 
 def standardize_channel_name(name: str) -> str:
     """Strip the usual decorations of a recorded EEG channel name.
 
-    Removes surrounding whitespace, an ``"EEG "``/``"EEG-"`` prefix, a
-    reference suffix (``"-REF"``, ``"-Ref"``, ``"-LE"``, …) and trailing dots,
-    then upper-cases. Does not check that the result is in the vocabulary
-    (see :func:`to_vocab`).
+    Upper-cases, removes surrounding whitespace, an ``"EEG "``/``"EEG-"``/``"EEG_"``
+    prefix, trailing dots (EEGBCI: ``"Fc5."``, ``"Cz.."``) and a reference
+    suffix (``"-REF"``, ``"-LE"``, ``"-AR"``, ``"-AVG"``, ``"-AV"``, ``"-CAR"``,
+    ``"-A1"``, ``"-A2"``, ``"-A1A2"``, ``"-M1"``, ``"-M2"``, ``"-M1M2"``; a
+    derivation between ear/mastoid electrodes such as ``"A2-A1"`` is kept whole).
+    Then gives each electrode one name: the 10-10 names T7, T8, P7, P8 become
+    the 10-20 names T3, T4, T5, T6, whose slots LaBraM's reference channel
+    mapping uses; inside a bipolar name (``"T3-T5"``) the 10-10 names are used,
+    as in the vocabulary's bipolar entries (``"T7-P7"``). Does not check that
+    the result is in the vocabulary (see :func:`to_vocab`).
 
     Parameters
     ----------
@@ -76,6 +103,10 @@ def standardize_channel_name(name: str) -> str:
     'FP1'
     >>> standardize_channel_name("Fc5.")
     'FC5'
+    >>> standardize_channel_name("T7..")
+    'T3'
+    >>> standardize_channel_name("EEG T3-T5")
+    'T7-P7'
     """
     if not isinstance(name, str):
         raise TypeError(f"A channel name must be a str, got {type(name).__name__} ({name!r}) instead.")
@@ -87,9 +118,15 @@ def standardize_channel_name(name: str) -> str:
     out = out.rstrip(".").strip()
     for suffix in _SUFFIXES:
         if out.endswith(suffix) and len(out) > len(suffix):
-            out = out[: -len(suffix)].strip()
+            head = out[: -len(suffix)].strip()
+            if not (head in _REFERENCE_ELECTRODES and suffix[1:] in _EAR_SUFFIXES):
+                out = head
             break
-    return out.rstrip(".").strip()
+    out = out.rstrip(".").strip()
+    parts = out.split("-")
+    if len(parts) == 2 and all(parts):
+        return "-".join(_OLD_TO_NEW.get(part.strip(), part.strip()) for part in parts)
+    return _NEW_TO_OLD.get(out, out)
 
 
 def _vocab_name(name: str) -> str | None:

@@ -8,6 +8,10 @@ The folder must hold ``SubjectNN_1.edf`` (rest before the task),
 Sites: ``split="year"`` gives one site per recording year (a natural proxy for
 acquisition batches); ``split="subject"`` deals subjects round-robin into
 ``n_sites`` sites.
+
+Subjects are memoised in-process; with ``cache_dir`` they are also cached on
+disk (:class:`~fedeeg.data.cache.WindowCache`, keyed on the two EDF files'
+contents, the spec and this loader's windowing and labels).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import numpy as np
 
 from .._validation import check_option, check_range
 from .base import Site, WindowSet
-from .preprocessing import PreprocessSpec, make_windows, preprocess_raw
+from .cache import WindowCache
+from .preprocessing import PreprocessSpec, make_windows, preprocess_raw, reject_windows
 
 __all__ = ["LABEL_NAMES", "load_eegmat_sites", "load_eegmat_subject", "read_subject_info"]
 
@@ -31,6 +36,10 @@ logger = logging.getLogger(__name__)
 LABEL_NAMES = ("rest", "arithmetic")
 #: Seconds of rest taken from the end of ``SubjectNN_1.edf``.
 REST_SECONDS = 60.0
+
+#: Version of the windowing and labelling below; part of the disk-cache key, so
+#: bump it whenever they change.
+LOADER_VERSION = 1
 
 _SOURCE = 'PhysioNet eegmat v1.0.0 ("EEG During Mental Arithmetic Tasks", https://physionet.org/content/eegmat/1.0.0/)'
 _CONTENTS = "subject-info.csv and the EDF files SubjectNN_1.edf (rest) and SubjectNN_2.edf (arithmetic)"
@@ -128,9 +137,42 @@ def _read_edf(fname: Path):
         ) from err
 
 
+def _cache_extra() -> dict:
+    """Key material of the disk cache besides the files and the spec."""
+    import mne
+
+    from .. import __version__
+
+    return {
+        "dataset": "eegmat",
+        "loader_version": LOADER_VERSION,
+        "label_names": list(LABEL_NAMES),
+        "rest_seconds": REST_SECONDS,
+        "fedeeg": __version__,
+        "mne": mne.__version__,
+    }
+
+
 @functools.lru_cache(maxsize=64)
-def _load_subject_cached(path: str, subject: str, spec: PreprocessSpec) -> WindowSet:
+def _load_subject_cached(path: str, subject: str, spec: PreprocessSpec, cache_dir: str | None = None) -> WindowSet:
     f_rest, f_task = _files(Path(path), subject)
+    if cache_dir is None:
+        return _compute_subject(f_rest, f_task, subject, spec)
+    for fname in (f_rest, f_task):
+        if not fname.is_file():
+            raise FileNotFoundError(f"Missing eegmat file {str(fname)!r}; the folder must hold {_CONTENTS} ({_SOURCE}).")
+    cache = WindowCache(cache_dir)
+    key = cache.key([f_rest, f_task], spec, _cache_extra())
+    windows = cache.load(key)
+    if windows is None:
+        windows = _compute_subject(f_rest, f_task, subject, spec)
+        cache.store(key, windows, {"dataset": "eegmat", "subject": subject})
+    else:
+        logger.debug("eegmat: %s from the disk cache %s.", subject, cache_dir)
+    return windows
+
+
+def _compute_subject(f_rest: Path, f_task: Path, subject: str, spec: PreprocessSpec) -> WindowSet:
     rest, ch_rest = preprocess_raw(_read_edf(f_rest), spec, source=f_rest.name)
     task, ch_task = preprocess_raw(_read_edf(f_task), spec, source=f_task.name)
     if ch_rest != ch_task:
@@ -143,17 +185,21 @@ def _load_subject_cached(path: str, subject: str, spec: PreprocessSpec) -> Windo
     rest = rest[:, -n_rest:]
     X0 = make_windows(rest, spec.n_times)
     X1 = make_windows(task, spec.n_times)
+    if spec.reject_peak_to_peak is not None:
+        X0, _ = reject_windows(X0, spec, source=f"{subject} {LABEL_NAMES[0]}")
+        X1, _ = reject_windows(X1, spec, source=f"{subject} {LABEL_NAMES[1]}")
     X = np.concatenate([X0, X1])
     X.flags.writeable = False
     y = np.concatenate([np.zeros(len(X0), np.int64), np.ones(len(X1), np.int64)])
     return WindowSet(X, y, np.full(len(X), subject), ch_rest, spec.sfreq, LABEL_NAMES)
 
 
-def load_eegmat_subject(data_dir, subject, spec: PreprocessSpec = PreprocessSpec()) -> WindowSet:
+def load_eegmat_subject(data_dir, subject, spec: PreprocessSpec = PreprocessSpec(), *, cache_dir=None) -> WindowSet:
     """Load and preprocess one eegmat subject.
 
-    Memoised in-process on (folder, subject, spec): a simulation asks for the
-    same subject repeatedly. Each call returns its own copy of the arrays.
+    Memoised in-process on (folder, subject, spec, cache_dir): a simulation
+    asks for the same subject repeatedly. Each call returns its own copy of
+    the arrays.
 
     Parameters
     ----------
@@ -163,6 +209,12 @@ def load_eegmat_subject(data_dir, subject, spec: PreprocessSpec = PreprocessSpec
         Subject id, e.g. ``"Subject04"`` (or ``4``).
     spec : PreprocessSpec
         Preprocessing.
+    cache_dir : path-like | None
+        A :class:`~fedeeg.data.cache.WindowCache` folder (e.g.
+        :func:`~fedeeg.data.cache.default_cache_dir`): the subject's windows
+        are read from it when the two EDF files (by content), the spec and
+        this loader are unchanged, and stored there otherwise. None (default):
+        no disk cache.
 
     Returns
     -------
@@ -174,7 +226,8 @@ def load_eegmat_subject(data_dir, subject, spec: PreprocessSpec = PreprocessSpec
     """
     if not isinstance(spec, PreprocessSpec):
         raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__} instead.")
-    cached = _load_subject_cached(str(_data_dir(data_dir)), _subject_id(subject), spec)
+    cache = None if cache_dir is None or str(cache_dir) == "" else str(Path(cache_dir).expanduser().resolve())
+    cached = _load_subject_cached(str(_data_dir(data_dir)), _subject_id(subject), spec, cache)
     return WindowSet(cached.X.copy(), cached.y.copy(), cached.subject.copy(), cached.ch_names, cached.sfreq, cached.label_names)
 
 
@@ -210,6 +263,7 @@ def load_eegmat_sites(
     n_sites: int | None = 3,
     spec: PreprocessSpec = PreprocessSpec(),
     subjects=None,
+    cache_dir=None,
 ) -> list[Site]:
     """Load eegmat as several sites.
 
@@ -229,6 +283,9 @@ def load_eegmat_sites(
     subjects : list of str | None
         Use only these subjects (default: all listed in ``subject-info.csv``
         whose two files are present; the others are skipped with a warning).
+    cache_dir : path-like | None
+        Disk cache of the subjects' windows (see :func:`load_eegmat_subject`);
+        None (default): none.
 
     Returns
     -------
@@ -270,7 +327,7 @@ def load_eegmat_sites(
     for name, members, extra in groups:
         parts = []
         for subject in members:
-            parts.append(load_eegmat_subject(path, subject, spec))
+            parts.append(load_eegmat_subject(path, subject, spec, cache_dir=cache_dir))
             done += 1
             logger.info("eegmat: %s loaded (%d windows) [%d/%d] -> %s", subject, parts[-1].n_windows, done, n_total, name)
         windows = WindowSet.concatenate(parts)
