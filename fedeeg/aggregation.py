@@ -7,7 +7,8 @@ tensors that travel. What differs is which tensors travel:
   share, so mean(B) @ A == mean(B @ A): exact);
 - ``fedit``: LoRA A and B averaged separately (mean(B) @ mean(A) is not
   mean(B @ A): the inexact baseline);
-- ``full``: every backbone weight (full fine-tuning).
+- ``full``: every backbone weight (full fine-tuning), with BatchNorm running
+  statistics where the backbone has them (EEGNet, EEG-Inception).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
         acc = np.zeros(np.shape(updates[0][0][name]), dtype=np.float64)
         for (tensors, _), w in zip(updates, weights, strict=True):
             acc += w * np.asarray(tensors[name], dtype=np.float64)
-        out[name] = acc.astype(np.asarray(updates[0][0][name]).dtype)
+        dtype = np.asarray(updates[0][0][name]).dtype
+        # Integer tensors (BatchNorm's num_batches_tracked) round to the nearest count.
+        out[name] = (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
     return out
 
 

@@ -3,7 +3,9 @@
 A folder written by :func:`save_model_dir` holds
 
 - ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format) for
-  LoRA strategies, or ``model.safetensors`` (all weights) for ``full``;
+  LoRA strategies, or ``model.safetensors`` (all weights and buffers, e.g.
+  BatchNorm statistics) for ``full`` (LaBraM or a baseline of the backbone
+  registry);
 - ``backbone.safetensors``: the frozen backbone weights, when the run used no
   published checkpoint (the folder is then self-contained); with a checkpoint,
   the manifest records its sha256 and the user passes the file to evaluate;
@@ -61,19 +63,54 @@ def base_state_dict(model: nn.Module) -> dict:
     return out
 
 
+def _fixed_input_manifest(model: nn.Module, manifest: dict) -> dict:
+    """Record a fixed-input backbone's channels and window in the manifest (they must agree with it)."""
+    spec = model.input_spec()
+    given_chs = manifest.get("channels")
+    if given_chs and [str(c).upper() for c in given_chs] != [c.upper() for c in spec["ch_names"]]:
+        raise ValueError(
+            f"manifest['channels'] {list(given_chs)} differ from the channels the {type(model).__name__} was built "
+            f"for {spec['ch_names']}: the folder would not load; record the model's own channels."
+        )
+    given_n = manifest.get("n_times")
+    if given_n is not None and int(given_n) != spec["n_times"]:
+        raise ValueError(f"manifest['n_times'] is {given_n} but the {type(model).__name__} was built for n_times={spec['n_times']}.")
+    given_sfreq = manifest.get("sfreq")
+    if given_sfreq is not None and float(given_sfreq) != spec["sfreq"]:
+        raise ValueError(f"manifest['sfreq'] is {given_sfreq} but the {type(model).__name__} was built for sfreq={spec['sfreq']}.")
+    return {**manifest, "channels": spec["ch_names"], "n_times": spec["n_times"], "sfreq": spec["sfreq"]}
+
+
+def _batchnorm_stats(model: nn.Module) -> str | None:
+    """``'trained'``, ``'initial'`` (never updated) or None (no BatchNorm with running statistics)."""
+    counts = [int(m.num_batches_tracked) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.num_batches_tracked is not None]
+    if not counts:
+        return None
+    return "initial" if all(c == 0 for c in counts) else "trained"
+
+
 def save_model_dir(model: nn.Module, path: str | os.PathLike, *, manifest: dict) -> Path:
     """Write the model folder atomically (write to a temporary folder, then rename).
 
     Parameters
     ----------
     model : nn.Module
-        A peft model (LoRA strategies) or a plain backbone (``full``).
+        A peft model (LoRA strategies) or a plain backbone (``full``), e.g.
+        from :func:`fedeeg.models.load_backbone`.
     path : path-like
         The folder to write; replaced if it exists.
     manifest : dict
         Run facts to record (backbone, channels, sfreq, window_seconds,
-        label_names, preprocessing, lora, strategy, round, checkpoint_sha256, ...).
-        ``fedeeg_version``, ``created`` and ``files`` are added.
+        n_times, label_names, preprocessing, lora, strategy, round,
+        checkpoint_sha256, ...). ``fedeeg_version``, ``created``, ``kind`` and
+        ``files`` are added; ``backbone`` defaults to the model's
+        ``backbone_name``. For a fixed-input baseline (EEGNet, ...) its own
+        ``channels``, ``n_times`` and ``sfreq`` are recorded (a manifest that
+        contradicts them is a ValueError), and for a model with BatchNorm
+        ``batchnorm_stats`` says whether its running statistics were ever
+        updated (``'trained'``/``'initial'``; saving ``'initial'`` ones logs a
+        warning).
 
     Returns
     -------
@@ -81,6 +118,23 @@ def save_model_dir(model: nn.Module, path: str | os.PathLike, *, manifest: dict)
     """
     from safetensors.torch import save_file
 
+    base = model.get_base_model() if _is_peft(model) else model
+    name = getattr(base, "backbone_name", None)
+    if manifest.get("backbone") is None and name:
+        manifest = {**manifest, "backbone": name}
+    elif name and manifest.get("backbone") != name:
+        raise ValueError(f"manifest['backbone'] is {manifest.get('backbone')!r} but the model is {name!r}.")
+    if hasattr(base, "input_spec"):  # a fixed-input baseline: its channels and window are part of the model
+        manifest = _fixed_input_manifest(base, manifest)
+    bn_stats = _batchnorm_stats(base)
+    if bn_stats is not None:
+        manifest = {**manifest, "batchnorm_stats": bn_stats}
+        if bn_stats == "initial":
+            logger.warning(
+                "Saving %s with BatchNorm running statistics that were never updated (mean 0, variance 1): in eval "
+                "mode its predictions differ from those of the trained sites. This happens to a federated model, "
+                "since only parameters travel, not BatchNorm buffers.", name or type(base).__name__,
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -153,8 +207,10 @@ def load_model_dir(path: str | os.PathLike, *, checkpoint: str | None = None) ->
     path : path-like
         The model folder.
     checkpoint : str | None
-        The backbone checkpoint file, needed when the manifest records a
-        ``checkpoint_sha256`` (its hash must match).
+        The backbone checkpoint file, needed for a LoRA folder whose manifest
+        records a ``checkpoint_sha256`` (its hash must match). A ``full``
+        folder holds every weight and does not need it (if given, its hash is
+        still checked).
 
     Returns
     -------
@@ -164,26 +220,55 @@ def load_model_dir(path: str | os.PathLike, *, checkpoint: str | None = None) ->
     """
     from safetensors.torch import load_file
 
-    from .models import LoraSpec, apply_lora, build_backbone
+    from .models import BACKBONE_REGISTRY, LoraSpec, apply_lora, load_backbone
 
     path = Path(path)
     manifest = read_manifest(path)
     n_outputs = len(manifest["label_names"])
+    name = manifest.get("backbone")
+    if name not in BACKBONE_REGISTRY:
+        raise ValueError(
+            f"{path / MANIFEST} names the backbone {name!r}, which this FedEEG version does not know "
+            f"(known: {', '.join(BACKBONE_REGISTRY)}); use the FedEEG version that wrote it ({manifest.get('fedeeg_version')})."
+        )
+    entry = BACKBONE_REGISTRY[name]
+    kind = manifest["kind"]
+    if kind != "full" and not entry.supports_lora:
+        raise ValueError(f"{path} holds a {kind!r} adapter for {name!r}, which has no LoRA; the folder is inconsistent.")
+    shape: dict = {}
+    if entry.fixed_input:
+        missing = [k for k in ("channels", "sfreq") if not manifest.get(k)]
+        if missing:
+            raise ValueError(f"{path / MANIFEST} lacks {missing}, which the {name!r} backbone is built from.")
+        n_times = manifest.get("n_times") or int(round(float(manifest["window_seconds"]) * float(manifest["sfreq"])))
+        shape = {"ch_names": list(manifest["channels"]), "n_times": int(n_times), "sfreq": float(manifest["sfreq"])}
     want_sha = manifest.get("checkpoint_sha256")
-    if want_sha:
-        if not checkpoint:
-            raise ValueError(f"{path} was trained on a backbone checkpoint (sha256 {want_sha[:12]}…); pass it with --checkpoint.")
+    if want_sha and checkpoint:
         got = sha256_file(checkpoint)
         if got != want_sha:
             raise ValueError(f"--checkpoint {checkpoint} has sha256 {got[:12]}…, but the adapter was trained on {want_sha[:12]}….")
-        backbone = build_backbone(manifest["backbone"], n_outputs=n_outputs, seed=0, checkpoint=checkpoint)
-    else:
-        backbone = build_backbone(manifest["backbone"], n_outputs=n_outputs, seed=0)
-    if manifest["kind"] == "full":
+    if kind == "full":
+        # model.safetensors holds every weight: the backbone checkpoint is not needed.
+        backbone = load_backbone(name, n_outputs=n_outputs, seed=0, **shape)
         state = load_file(str(path / "model.safetensors"))
+        own = backbone.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} ({list(state[k].shape)} vs {list(own[k].shape)})" for k in state
+                 if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{path / 'model.safetensors'} does not fit the {name!r} model described by the manifest: "
+                             f"missing {missing[:10]}, unexpected {unexpected[:10]}, shape mismatches {wrong[:10]}.")
         backbone.load_state_dict(state, strict=True)
+        backbone.checkpoint_sha256 = want_sha or None
         model = backbone
     else:
+        if want_sha:
+            if not checkpoint:
+                raise ValueError(f"{path} was trained on a backbone checkpoint (sha256 {want_sha[:12]}…); pass it with --checkpoint.")
+            backbone = load_backbone(name, n_outputs=n_outputs, seed=0, checkpoint=checkpoint)
+        else:
+            backbone = load_backbone(name, n_outputs=n_outputs, seed=0)
         if not want_sha:
             state = load_file(str(path / "backbone.safetensors"))
             missing, unexpected = backbone.load_state_dict(state, strict=False)

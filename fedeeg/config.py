@@ -21,6 +21,13 @@ MODES = ("federated", "centralized", "local")
 STRATEGIES = ("ffa", "fedit", "full")
 LORA_PRESETS = ("paper", "attention", "all-linear")
 DEVICES = ("auto", "cpu", "cuda")
+#: Backbone names: the keys of :data:`fedeeg.models.BACKBONE_REGISTRY` (a test keeps them equal; listed here so
+#: that validating a config does not import torch).
+BACKBONE_NAMES = ("labram-small", "labram-base", "labram-large", "labram-huge", "eegnet", "eeg-inception", "cbramod")
+#: Backbones that take LoRA adapters (strategies ``ffa``/``fedit``); the others train in full.
+LORA_BACKBONES = ("labram-small", "labram-base", "labram-large", "labram-huge")
+#: Backbones that need an optional package: name -> (import name, pip extra).
+OPTIONAL_BACKBONES = {"cbramod": ("braindecode", "fedeeg[braindecode]")}
 
 #: Default learning rates: LoRA adapters take a larger step than full fine-tuning.
 DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4}
@@ -54,9 +61,14 @@ class RunConfig:
     rounds, local_epochs : int
         Federated rounds and local epochs per round.
     backbone : str
-        Name in :data:`fedeeg.models.BACKBONES`.
+        Name in :data:`fedeeg.models.BACKBONE_REGISTRY`: ``labram-small``,
+        ``labram-base``, ``labram-large``, ``labram-huge`` (LoRA-capable), or
+        the baselines ``eegnet``, ``eeg-inception`` and ``cbramod`` (needs
+        braindecode), which have no LoRA and need ``strategy='full'``.
     checkpoint : str
-        Path of a LaBraM checkpoint ("" = deterministic init from ``seed``).
+        Path of a backbone checkpoint ("" = deterministic init from ``seed``):
+        an official LaBraM file for LaBraM, a state dict or safetensors file
+        for a baseline (see :func:`fedeeg.models.load_backbone`).
     lora_preset, lora_rank, lora_alpha, lora_dropout, conv_rank
         LoRA setting (see :class:`fedeeg.models.LoraSpec`). ``conv_rank=0``
         disables LoRA on the temporal convolutions.
@@ -103,6 +115,20 @@ class RunConfig:
         check_option("split", self.split, SPLITS)
         check_option("mode", self.mode, MODES)
         check_option("strategy", self.strategy, STRATEGIES)
+        check_option("backbone", self.backbone, BACKBONE_NAMES)
+        if self.backbone not in LORA_BACKBONES and self.strategy != "full":
+            raise ValueError(
+                f"The backbone {self.backbone!r} is a baseline without LoRA adapters (it trains in full), so "
+                f"strategy={self.strategy!r} does not apply: use strategy='full' (--strategy full), or a LaBraM "
+                f"backbone ({', '.join(LORA_BACKBONES)}) for LoRA."
+            )
+        if self.backbone in OPTIONAL_BACKBONES:
+            import importlib.util
+
+            module, extra = OPTIONAL_BACKBONES[self.backbone]
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"The backbone {self.backbone!r} needs {module}, which is not installed: "
+                                  f"pip install '{extra}'.")
         check_option("lora_preset", self.lora_preset, LORA_PRESETS)
         check_option("device", self.device, DEVICES)
         check_range("sites", self.sites, low=1, kind=int)
@@ -195,4 +221,4 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "LORA_PRESETS", "DEFAULT_LR"]
+__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data.base import WindowSet, split_subjects
+from .data.channels import EEGMAT_CHANNELS
 from .metrics import pool_metrics
 from .training import evaluate, resolve_device, train_epochs
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: Label names of the built-in datasets (the federation's label set).
 DATASET_LABELS = {"synthetic": ("rest", "arithmetic"), "eegmat": ("rest", "arithmetic")}
+#: Channels of the built-in datasets, in the windows' order (synthetic sites mimic eegmat's montage).
+DATASET_CHANNELS = {"synthetic": EEGMAT_CHANNELS, "eegmat": EEGMAT_CHANNELS}
 
 
 @dataclass
@@ -87,16 +90,71 @@ def lora_spec(cfg: RunConfig):
     )
 
 
-def build_model(cfg: RunConfig, *, n_outputs: int) -> nn.Module:
+def run_input(cfg: RunConfig) -> tuple[tuple[str, ...], int]:
+    """The channels and window length (in samples) of the run's data.
+
+    Known from the config alone, so the server, which never sees EEG, builds
+    the same model as the sites: the dataset fixes the channels
+    (:data:`DATASET_CHANNELS`) and the preprocessing the window
+    (``window_seconds * sfreq``).
+
+    Returns
+    -------
+    ch_names : tuple of str
+        Vocabulary names, in the order of the windows' rows.
+    n_times : int
+        Samples per window.
+    """
+    spec = preprocess_spec(cfg)
+    return tuple(DATASET_CHANNELS[cfg.dataset]), int(round(spec.window_seconds * spec.sfreq))
+
+
+def build_model(
+    cfg: RunConfig,
+    *,
+    n_outputs: int,
+    ch_names: tuple[str, ...] | list[str] | None = None,
+    n_times: int | None = None,
+) -> nn.Module:
     """The run's model, identical at every site for the same config.
 
-    The backbone is initialised from ``cfg.seed`` (or loaded from
-    ``cfg.checkpoint``); LoRA A matrices are drawn from the same seed, so under
-    ``ffa`` every site holds the same frozen A.
-    """
-    from .models import apply_lora, build_backbone
+    The backbone (:func:`fedeeg.models.load_backbone`) is initialised from
+    ``cfg.seed`` (or loaded from ``cfg.checkpoint``); LoRA A matrices are drawn
+    from the same seed, so under ``ffa`` every site holds the same frozen A.
+    Baselines without LoRA (``eegnet``, ``eeg-inception``, ``cbramod``) train
+    in full and are built for one channel list and window length.
 
-    backbone = build_backbone(cfg.backbone, n_outputs=n_outputs, seed=cfg.seed, checkpoint=cfg.checkpoint or None)
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run.
+    n_outputs : int
+        Classes.
+    ch_names : sequence of str | None
+        The input's channels, in order; None: the dataset's (:func:`run_input`).
+        Only the fixed-input baselines depend on it (LaBraM checks the names).
+    n_times : int | None
+        Samples per window; None: from the preprocessing (:func:`run_input`).
+
+    Returns
+    -------
+    model : nn.Module
+        A peft model (``ffa``/``fedit``) or the plain backbone with every
+        parameter trainable (``full``).
+    """
+    from .models import BACKBONE_REGISTRY, apply_lora, load_backbone
+
+    entry = BACKBONE_REGISTRY[cfg.backbone]
+    if cfg.strategy != "full" and not entry.supports_lora:
+        raise ValueError(f"The backbone {cfg.backbone!r} has no LoRA adapters: use strategy='full', got {cfg.strategy!r}.")
+    spec = preprocess_spec(cfg)
+    if entry.fixed_input and (ch_names is None or n_times is None):
+        default_chs, default_n_times = run_input(cfg)
+        ch_names = default_chs if ch_names is None else ch_names
+        n_times = default_n_times if n_times is None else n_times
+    backbone = load_backbone(cfg.backbone, checkpoint=cfg.checkpoint or None, n_outputs=n_outputs, seed=cfg.seed,
+                             ch_names=None if ch_names is None else list(ch_names),
+                             n_times=None if n_times is None else int(n_times), sfreq=spec.sfreq)
     if cfg.strategy == "full":
         for p in backbone.parameters():
             p.requires_grad_(True)
@@ -141,7 +199,7 @@ def run_centralized(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[
     """
     device = resolve_device(cfg.device)
     pooled = WindowSet.concatenate([s.train for s in sites])
-    model = build_model(cfg, n_outputs=len(pooled.label_names))
+    model = build_model(cfg, n_outputs=len(pooled.label_names), ch_names=pooled.ch_names, n_times=pooled.X.shape[-1])
     history = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -167,7 +225,8 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
     own patients); ``per_site_mean`` in ``extra`` is the mean over sites.
     """
     device = resolve_device(cfg.device)
-    models = {s.name: build_model(cfg, n_outputs=len(s.train.label_names)) for s in sites}
+    models = {s.name: build_model(cfg, n_outputs=len(s.train.label_names), ch_names=s.train.ch_names,
+                                  n_times=s.train.X.shape[-1]) for s in sites}
     history = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -191,4 +250,4 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                      extra={"per_site_mean": mean})
 
 
-__all__ = ["DATASET_LABELS", "SiteSplit", "prepare_sites", "lora_spec", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]
+__all__ = ["DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]

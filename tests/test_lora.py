@@ -254,7 +254,7 @@ def test_load_trainable_state_dict_names_every_mismatch():
     assert f"missing: {names[0]}" in msg
     assert f"{names[1]}: shape [3, 3], expected {list(good[names[1]].shape)}" in msg
     assert f"{names[2]}: dtype torch.float64, expected torch.float32" in msg
-    assert "unexpected (not trainable parameters of this model): base_model.model.blocks.0.attn.qkv.lora_A" in msg
+    assert "unexpected (not trainable parameters or BatchNorm statistics of this model): base_model.model.blocks.0.attn.qkv.lora_A" in msg
     after = trainable_state_dict(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
 

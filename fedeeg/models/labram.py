@@ -248,6 +248,9 @@ class LaBraM(nn.Module):
     position-embedding slots with :func:`fedeeg.data.channels.input_chans`.
     """
 
+    #: LoRA adapters apply (see :func:`fedeeg.models.apply_lora`); checked by the backbone registry.
+    supports_lora = True
+
     def __init__(self, config: LaBraMConfig, n_outputs: int = 2) -> None:
         super().__init__()
         check_range("n_outputs", n_outputs, low=1, kind=int)
@@ -472,6 +475,20 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _checkpoint_file(path: str | Path) -> tuple[Path, str]:
+    """The checkpoint's resolved path and SHA-256; clear errors when it is absent or unreadable."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
+    if not path.is_file():
+        raise ValueError(f"The checkpoint path {str(path)!r} is not a file.")
+    try:
+        sha = _file_sha256(path)
+    except OSError as err:
+        raise ValueError(f"Cannot read the checkpoint {str(path)!r}: {err}") from err
+    return path, sha
+
+
 def _read_file(path: Path) -> Mapping:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -560,15 +577,7 @@ def load_checkpoint(model: LaBraM, path: str | Path, *, strict: bool = True) -> 
             "load_checkpoint expects the plain backbone, but this model already has peft adapters: load the "
             "checkpoint first (build_backbone(..., checkpoint=path)), then call apply_lora."
         )
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
-    if not path.is_file():
-        raise ValueError(f"The checkpoint path {str(path)!r} is not a file.")
-    try:
-        sha = _file_sha256(path)
-    except OSError as err:
-        raise ValueError(f"Cannot read the checkpoint {str(path)!r}: {err}") from err
+    path, sha = _checkpoint_file(path)
     state, not_tensors = _normalise_state_dict(_read_file(path), path)
 
     own = model.state_dict()

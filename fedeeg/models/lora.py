@@ -219,12 +219,39 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, freeze_a: bool = False, seed
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of exactly the parameters with ``requires_grad=True``.
 
+    Plus the BatchNorm running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``) of BatchNorm layers that train, which a model
+    learns too (baselines such as EEGNet; LaBraM has none).
+
     Names are the model's parameter names (for a peft model e.g.
     ``base_model.model.blocks.0.attn.qkv.lora_B.default.weight``,
     ``base_model.model.head.modules_to_save.default.weight``), identical for
     identically built models.
     """
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().to("cpu", copy=True) for n, b in _travelling_buffers(model).items()})
+    return state
+
+
+def _travelling_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics of modules whose parameters train.
+
+    They are part of what a model *learned* (eval mode normalises with them),
+    so they travel and are averaged with the parameters; without them a
+    federated EEGNet's global model would keep the initial mean 0 / variance 1.
+    LaBraM has none (GroupNorm/LayerNorm only).
+    """
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or not mod.track_running_stats:
+            continue
+        if not any(p.requires_grad for p in mod.parameters(recurse=False)):
+            continue
+        for buf_name in ("running_mean", "running_var", "num_batches_tracked"):
+            buf = getattr(mod, buf_name, None)
+            if buf is not None:
+                out[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf
+    return out
 
 
 def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -239,6 +266,7 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
         Naming every missing name, unexpected name, wrong shape and wrong dtype.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params.update(_travelling_buffers(model))
     tensors = {}
     problems = []
     for name, value in state.items():
@@ -254,7 +282,7 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
     if missing:
         problems.append(f"missing: {', '.join(missing)}")
     if unexpected:
-        problems.append(f"unexpected (not trainable parameters of this model): {', '.join(unexpected)}")
+        problems.append(f"unexpected (not trainable parameters or BatchNorm statistics of this model): {', '.join(unexpected)}")
     for name, value in tensors.items():
         if name not in params:
             continue
@@ -328,6 +356,138 @@ def lora_pairs(model: nn.Module, adapter_name: str = "default") -> dict[str, tup
     return pairs
 
 
+def check_lora_effective(
+    peft_model: nn.Module,
+    x: torch.Tensor,
+    ch_names,
+    *,
+    adapter_name: str = "default",
+    raise_error: bool = True,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Check that every LoRA adapter of a model takes part in its forward pass.
+
+    A LoRA layer is silently useless where the model reads a wrapped module's
+    weight directly (``F.linear(x, self.qkv.weight)``, as braindecode's Labram
+    does for qkv) instead of calling the module. Two tests, on ``x``:
+
+    1. Gradients: with every ``lora_B`` set to small random values (so that
+       ``lora_A`` gets a gradient too), one backward pass of a random projection
+       of the output must give every ``lora_A`` and ``lora_B`` a non-zero
+       gradient (frozen ones included: their ``requires_grad`` is switched on
+       for the check).
+    2. Perturbation: from the model's own weights, setting one module's
+       ``lora_B`` to random values must change the output, for each adapted
+       module in turn.
+
+    The model runs in eval mode (no dropout) and everything is put back
+    afterwards: weights, gradients, ``requires_grad`` flags and train/eval mode.
+    The global RNG is not used.
+
+    Parameters
+    ----------
+    peft_model : nn.Module
+        A model with LoRA layers (e.g. from :func:`apply_lora`), called as
+        ``peft_model(x, ch_names)``.
+    x : torch.Tensor
+        A small input batch, shape ``(batch, n_chans, n_times)``.
+    ch_names : sequence of str
+        The ``n_chans`` channel names.
+    adapter_name : str
+        peft adapter name.
+    raise_error : bool
+        If True (default), raise when a module fails; else return the problems.
+    seed : int
+        Seed of the random B values and output projection.
+
+    Returns
+    -------
+    problems : dict of str → str
+        Module name (as :func:`lora_pairs`) → why its adapter is useless; empty
+        when every adapter works.
+
+    Raises
+    ------
+    ValueError
+        If the model has no LoRA layer.
+    RuntimeError
+        If ``raise_error`` and some adapter has no effect, naming each module.
+    """
+    layers = {}
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
+            key = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+            layers[key] = (lora_a[adapter_name].weight, module.lora_B[adapter_name].weight)
+    if not layers:
+        raise ValueError(f"The model has no LoRA layer for adapter {adapter_name!r}: nothing to check.")
+    params = list(peft_model.parameters())
+    saved_data = {id(p): p.detach().clone() for a_b in layers.values() for p in a_b}
+    saved_grad = [(p, None if p.grad is None else p.grad.clone()) for p in params]
+    saved_flags = [(p, p.requires_grad) for p in params]
+    was_training = peft_model.training
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand_like(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(t.shape, generator=gen, dtype=torch.float32) * std).to(device=t.device, dtype=t.dtype)
+
+    problems: dict[str, list[str]] = {}
+    try:
+        peft_model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        for a, b in layers.values():
+            a.requires_grad_(True)
+            b.requires_grad_(True)
+            a.grad = None
+            b.grad = None
+        # 1. gradients reach every A and B
+        with torch.no_grad():
+            for _, b in layers.values():
+                b.copy_(rand_like(b, 0.01))
+        with torch.enable_grad():
+            out = peft_model(x, ch_names)
+            proj = rand_like(out.detach().float())
+            (out.float() * proj).sum().backward()
+        for name, (a, b) in layers.items():
+            for label, p in (("lora_A", a), ("lora_B", b)):
+                if p.grad is None or not bool(torch.any(p.grad != 0)):
+                    problems.setdefault(name, []).append(f"{label} gets no gradient")
+        # 2. each module's B changes the output
+        with torch.no_grad():
+            for _, b in layers.values():
+                b.copy_(saved_data[id(b)])
+            ref = peft_model(x, ch_names)
+            noise = float((peft_model(x, ch_names) - ref).abs().max())  # non-determinism floor
+            for name, (_, b) in layers.items():
+                b.copy_(rand_like(b))
+                change = float((peft_model(x, ch_names) - ref).abs().max())
+                b.copy_(saved_data[id(b)])
+                if not change > 10 * noise:
+                    problems.setdefault(name, []).append("perturbing lora_B leaves the output unchanged")
+    finally:
+        with torch.no_grad():
+            for a, b in layers.values():
+                a.copy_(saved_data[id(a)])
+                b.copy_(saved_data[id(b)])
+        for p, grad in saved_grad:
+            p.grad = grad
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        peft_model.train(was_training)
+    report = {name: "; ".join(why) for name, why in problems.items()}
+    if report and raise_error:
+        listing = "; ".join(f"{name} ({why})" for name, why in report.items())
+        raise RuntimeError(
+            f"{len(report)} of {len(layers)} LoRA adapters have no effect on the output: {listing}. The model reads "
+            "these modules' weights directly (e.g. F.linear(x, module.weight)) instead of calling them, so the "
+            "adapters are bypassed: call the modules, or leave them out of the LoRA targets."
+        )
+    if report:
+        logger.warning("LoRA adapters without effect: %s", report)
+    return report
+
+
 __all__ = [
     "LORA_PRESETS",
     "MODULES_TO_SAVE",
@@ -337,4 +497,5 @@ __all__ = [
     "load_trainable_state_dict",
     "count_parameters",
     "lora_pairs",
+    "check_lora_effective",
 ]
