@@ -1,0 +1,215 @@
+"""Training throughput of FedEEG's client step against a bare PyTorch loop, side by side.
+
+For each mode (LoRA ``paper`` preset, full fine-tuning) and batch size, the same
+backbone (same seed, same data, same batch) is trained
+
+* by ``fedeeg.training.train_epochs`` -- what a site's ClientApp runs every
+  round (class-balanced loss, gradient clipping, bf16 autocast on CUDA, data on
+  the device ahead of the steps), and
+* by a bare loop: forward, cross-entropy, ``zero_grad``, ``backward``,
+  ``AdamW.step`` under the same autocast, nothing else,
+
+and the windows/s of both, their ratio and the peak GPU memory are printed and
+saved to ``simulations/results/bench_train_speed_<device>.json`` and ``.md``.
+Warm-up steps (kernel selection, compilation) are excluded from both timings;
+the copy of the timed windows to the device is included in both.
+
+Input: LaBraM-Base by default, 19 channels x 4 s at 200 Hz (random data of the
+model's scale; throughput does not depend on the values).
+
+Examples
+--------
+GPU (the acceptance run)::
+
+    python simulations/bench_train_speed.py --device cuda --batch-sizes 64 256 1024
+
+CPU (fewer steps; a 2-core machine manages a few windows/s with LaBraM-Base)::
+
+    python simulations/bench_train_speed.py --device cpu --batch-sizes 64 256 --steps 3 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedeeg.data.base import WindowSet  # noqa: E402
+from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
+from fedeeg.models import LoraSpec, apply_lora, build_backbone  # noqa: E402
+from fedeeg.training import _autocast, train_epochs  # noqa: E402
+
+LR = {"lora": 5e-3, "full": 5e-4}
+
+
+def make_model(backbone: str, mode: str, seed: int) -> nn.Module:
+    model = build_backbone(backbone, n_outputs=2, seed=seed)
+    if mode == "full":
+        return model
+    return apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=0.5, conv_rank=4), freeze_a=False, seed=seed)
+
+
+def make_windows(n: int, n_times: int, seed: int) -> WindowSet:
+    ch_names = to_vocab(EEGMAT_CHANNELS)
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, len(ch_names), n_times), dtype=np.float32) * 0.2  # ~20 µV in 0.1 mV units
+    y = np.arange(n) % 2
+    return WindowSet(X, y, np.zeros(n, dtype=int), ch_names, 200.0, ("a", "b"))
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bare_loop(model: nn.Module, windows: WindowSet, batch: int, steps: int, warmup: int, lr: float, dev: torch.device, compile_: bool) -> float:
+    """Windows/s of the plainest training loop on the same data."""
+    model.to(dev).train()
+    fwd = torch.compile(model) if compile_ else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ch_names = list(windows.ch_names)
+    crit = nn.CrossEntropyLoss()
+
+    def run(n_steps: int) -> None:
+        # The data goes to the device once per call, as in train_epochs (timed in both).
+        X = torch.from_numpy(windows.X[: n_steps * batch]).to(dev)
+        y = torch.from_numpy(windows.y[: n_steps * batch]).to(dev)
+        order = torch.randperm(n_steps * batch, device=dev)
+        for i in range(n_steps):
+            idx = order[i * batch : (i + 1) * batch]
+            with _autocast(dev, True):
+                loss = crit(fwd(X[idx], ch_names).float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    run(warmup)
+    sync(dev)
+    t0 = time.perf_counter()
+    run(steps)
+    sync(dev)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def ours(model: nn.Module, windows: WindowSet, batch: int, steps: int, warmup: int, lr: float, dev: torch.device, compile_: bool) -> float:
+    """Windows/s of fedeeg.training.train_epochs (one epoch of ``steps`` batches after a warm-up call)."""
+    warm = windows.subset(np.arange(batch * warmup))
+    train_epochs(model, warm, epochs=1, lr=lr, batch_size=batch, device=dev, seed=1, compile=compile_)
+    timed = windows.subset(np.arange(batch * steps))
+    res = train_epochs(model, timed, epochs=1, lr=lr, batch_size=batch, device=dev, seed=2, compile=compile_)
+    return res.windows_per_second
+
+
+def profile(args, windows: WindowSet, dev: torch.device) -> None:
+    """Print the operators that take the most device time in a few steps of train_epochs."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    mode, batch = args.modes[0], max(args.batch_sizes)
+    model = make_model(args.backbone, mode, seed=0)
+    sub = windows.subset(np.arange(batch * 3))
+    train_epochs(model, sub, epochs=1, lr=LR[mode], batch_size=batch, device=dev, compile=args.compile)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        train_epochs(model, sub, epochs=1, lr=LR[mode], batch_size=batch, device=dev, compile=args.compile)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(f"profile: {mode}, batch {batch}, 3 steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="labram-base")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    p.add_argument("--seconds", type=float, default=4.0, help="window length in seconds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    p.add_argument("--order", choices=["bare-first", "ours-first"], default="bare-first")
+    p.add_argument("--out", type=Path, default=ROOT / "simulations" / "results")
+    p.add_argument("--tag", default=None, help="suffix of the output files (default: the device type)")
+    p.add_argument("--profile", action="store_true", help="also print the top kernels of FedEEG's step (first mode, largest batch)")
+    args = p.parse_args()
+
+    dev = torch.device(args.device)
+    # Every measurement compiles a fresh model: lift dynamo's per-function recompile limit (default 8).
+    torch._dynamo.config.cache_size_limit = 64
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    n_times = int(args.seconds * 200)
+    n_max = max(args.batch_sizes) * max(args.steps, args.warmup)
+    windows = make_windows(n_max, n_times, seed=0)
+    rows = []
+    print(f"{args.backbone} on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}), "
+          f"torch {torch.__version__}, {len(windows.ch_names)} ch x {n_times} samples, compile={args.compile}", flush=True)
+    print(f"{'mode':5} {'batch':>6} {'bare w/s':>10} {'ours w/s':>10} {'ours/bare':>9} {'peak GiB bare':>13} {'peak GiB ours':>13}", flush=True)
+    for mode in args.modes:
+        for batch in args.batch_sizes:
+            rec = {"mode": mode, "batch": batch}
+            runs = [("bare", bare_loop), ("ours", ours)]
+            if args.order == "ours-first":
+                runs.reverse()
+            for name, fn in runs:
+                model = make_model(args.backbone, mode, seed=0)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                rec[f"{name}_wps"] = fn(model, windows, batch, args.steps, args.warmup, LR[mode], dev, args.compile)
+                rec[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+                del model
+            rec["ratio"] = rec["ours_wps"] / rec["bare_wps"]
+            rows.append(rec)
+            fmt = lambda v: f"{v:13.2f}" if v is not None else f"{'-':>13}"  # noqa: E731
+            print(f"{mode:5} {batch:6d} {rec['bare_wps']:10.1f} {rec['ours_wps']:10.1f} {rec['ratio']:9.3f} {fmt(rec['bare_peak_gib'])} {fmt(rec['ours_peak_gib'])}", flush=True)
+
+    if args.profile:
+        profile(args, windows, dev)
+
+    tag = args.tag or dev.type
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "backbone": args.backbone,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "n_chans": len(windows.ch_names),
+        "n_times": n_times,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "command": " ".join(["python", "simulations/bench_train_speed.py", *sys.argv[1:]]),
+    }
+    (args.out / f"bench_train_speed_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"# Training throughput: FedEEG client step vs bare PyTorch loop ({meta['device']})",
+        "",
+        f"{args.backbone}, {meta['n_chans']} channels x {n_times} samples (4 s at 200 Hz), bf16 autocast on CUDA, "
+        f"torch {meta['torch']}, compile={args.compile}; {args.steps} timed steps after {args.warmup} warm-up steps.",
+        f"Command: `{meta['command']}`",
+        "",
+        "| mode | batch | bare loop (windows/s) | FedEEG (windows/s) | FedEEG / bare | peak GiB bare | peak GiB FedEEG |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pk = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['bare_wps']:.0f} | {r['ours_wps']:.0f} | {r['ratio']:.2f} | {pk(r['bare_peak_gib'])} | {pk(r['ours_peak_gib'])} |")
+    (args.out / f"bench_train_speed_{tag}.md").write_text("\n".join(lines) + "\n")
+    print(f"saved {args.out / f'bench_train_speed_{tag}.json'}")
+
+
+if __name__ == "__main__":
+    main()
