@@ -15,7 +15,7 @@ from typing import Any
 
 from ._validation import check_option, check_range
 
-DATASETS = ("synthetic", "eegmat")
+DATASETS = ("synthetic", "eegmat", "folder")
 SPLITS = ("year", "subject")
 MODES = ("federated", "centralized", "local")
 STRATEGIES = ("ffa", "fedit", "full")
@@ -39,12 +39,31 @@ class RunConfig:
 
     Parameters
     ----------
-    dataset : {"synthetic", "eegmat"}
-        Where the sites' EEG comes from.
+    dataset : {"synthetic", "eegmat", "folder"}
+        Where the sites' EEG comes from: generated, the eegmat recordings, or
+        any recordings described by site TOML files (``site_files``).
     data_dir : str
         Folder of the eegmat recordings (required for ``dataset="eegmat"``).
     sites : int
-        Number of sites (synthetic, or eegmat with ``split="subject"``).
+        Number of sites (synthetic, or eegmat with ``split="subject"``); for
+        ``folder`` it is set to the number of site files.
+    site_files : str
+        ``folder``: the sites' TOML files, comma-separated (one site each; see
+        :func:`fedeeg.data.load_site_config`).
+    labels : str
+        ``folder``: the federation's classes, comma-separated (e.g.
+        ``"left,right"``); built-in datasets have their own.
+    channels : str
+        Channels every site's windows hold, comma-separated 10-20/10-10 names
+        ("" = each site keeps the channels it has; baselines then need the
+        dataset's own list). Missing ones are interpolated up to
+        ``max_interpolated``.
+    max_interpolated : int
+        Most channels a recording may lack (spherical-spline interpolation)
+        before it is refused.
+    cache_dir : str
+        Preprocessed-window cache ("" = ``$FEDEEG_CACHE_DIR`` or
+        ``~/.cache/fedeeg``; ``"off"`` = none).
     split : {"year", "subject"}
         How eegmat subjects are dealt to sites: by recording year (3 sites) or
         round-robin over subjects.
@@ -89,6 +108,11 @@ class RunConfig:
     dataset: str = "synthetic"
     data_dir: str = ""
     sites: int = 3
+    site_files: str = ""
+    labels: str = ""
+    channels: str = ""
+    max_interpolated: int = 0
+    cache_dir: str = ""
     split: str = "year"
     test_fraction: float = 0.34
     mode: str = "federated"
@@ -149,6 +173,27 @@ class RunConfig:
             raise ValueError(
                 f"'window_seconds' must be a whole number of 1-s patches, got {self.window_seconds!r} instead."
             )
+        check_range("max_interpolated", self.max_interpolated, low=0, kind=int)
+        if self.dataset == "folder":
+            if not self.site_list:
+                raise ValueError("dataset='folder' needs 'site_files' (--site SITE.toml, once per site): the sites' TOML files.")
+            if len(self.label_names) < 2:
+                raise ValueError(f"dataset='folder' needs 'labels' (--labels a,b): at least two class names, got {self.labels!r}.")
+            object.__setattr__(self, "sites", len(self.site_list))
+        else:
+            for name in ("site_files", "labels"):
+                if getattr(self, name):
+                    raise ValueError(f"'{name}' only applies to dataset='folder', got dataset={self.dataset!r} and {name}={getattr(self, name)!r}.")
+        if self.channels:
+            from .data.channels import to_vocab
+
+            names = self.channel_list
+            if len(set(names)) != len(names):
+                raise ValueError(f"'channels' names a channel twice: {self.channels!r}.")
+            try:
+                to_vocab(names)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"'channels' must hold 10-20/10-10 names of LaBraM's vocabulary: {err}") from err
         if self.dataset == "eegmat" and not self.data_dir:
             raise ValueError(
                 "The eegmat dataset needs 'data_dir' (--data-dir): the folder holding SubjectNN_1.edf, "
@@ -156,6 +201,36 @@ class RunConfig:
             )
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _split(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in str(text).split(",") if part.strip())
+
+    @property
+    def site_list(self) -> tuple[str, ...]:
+        """``site_files`` as a tuple of paths."""
+        return self._split(self.site_files)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """``labels`` as a tuple (folder datasets)."""
+        return self._split(self.labels)
+
+    @property
+    def channel_list(self) -> tuple[str, ...]:
+        """``channels`` as a tuple (empty: keep each site's)."""
+        return self._split(self.channels)
+
+    @property
+    def cache_path(self) -> str | None:
+        """The cache folder to use, or None when ``cache_dir='off'``."""
+        if self.cache_dir == "off":
+            return None
+        if self.cache_dir:
+            return self.cache_dir
+        from .data.cache import default_cache_dir
+
+        return str(default_cache_dir())
+
     @property
     def learning_rate(self) -> float:
         """The effective learning rate (``lr`` or the strategy's default)."""

@@ -21,6 +21,8 @@ def evaluate_model_dir(
     n_sites: int = 3,
     seed: int = 12345,
     device: str = "auto",
+    site_files=(),
+    cache_dir=None,
 ) -> dict:
     """Evaluate the model in ``path`` on every window of a dataset.
 
@@ -28,7 +30,7 @@ def evaluate_model_dir(
     ----------
     path : path-like
         Model folder (``OUT/adapter``).
-    dataset : {"synthetic", "eegmat"}
+    dataset : {"synthetic", "eegmat", "folder"}
         The data to evaluate on (all subjects).
     data_dir : str | None
         eegmat folder.
@@ -38,6 +40,11 @@ def evaluate_model_dir(
         Synthetic data: sites and seed to generate.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    site_files : sequence of path-like
+        ``folder``: site TOML files (see :func:`fedeeg.data.load_site_config`);
+        their recordings are read with the model's preprocessing and label set.
+    cache_dir : path-like | None
+        Preprocessed-window cache for eegmat/folder data (None: none).
 
     Returns
     -------
@@ -50,11 +57,12 @@ def evaluate_model_dir(
     from .data import load_sites
     from .data.preprocessing import PreprocessSpec
 
-    check_option("dataset", dataset, ("synthetic", "eegmat"))
+    check_option("dataset", dataset, ("synthetic", "eegmat", "folder"))
     model, manifest = load_model_dir(path, checkpoint=checkpoint)
     spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    sites = load_sites(dataset, data_dir=data_dir, n_sites=n_sites, split="year", spec=spec, seed=seed)
     labels = tuple(manifest["label_names"])
+    sites = load_sites(dataset, data_dir=data_dir, n_sites=n_sites, split="year", spec=spec, seed=seed,
+                       site_files=site_files, label_names=labels, cache_dir=cache_dir)
     per_site = {}
     for site in sites:
         if site.windows.label_names != labels:

@@ -54,14 +54,26 @@ def preprocess_spec(cfg: RunConfig):
     """The preprocessing every site applies for this run."""
     from .data.preprocessing import PreprocessSpec
 
-    return PreprocessSpec(window_seconds=float(cfg.window_seconds))
+    return PreprocessSpec(
+        window_seconds=float(cfg.window_seconds),
+        channels=cfg.channel_list or None,
+        max_interpolated=int(cfg.max_interpolated),
+    )
+
+
+def run_labels(cfg: RunConfig) -> tuple[str, ...]:
+    """The federation's classes: the built-in dataset's, or ``cfg.labels`` for folder datasets."""
+    return cfg.label_names if cfg.dataset == "folder" else DATASET_LABELS[cfg.dataset]
 
 
 @functools.lru_cache(maxsize=8)
-def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, spec) -> tuple[SiteSplit, ...]:
+def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, spec,
+                          site_files: tuple[str, ...] = (), label_names: tuple[str, ...] = (),
+                          cache_dir: str | None = None) -> tuple[SiteSplit, ...]:
     from .data import load_sites
 
-    loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed)
+    loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed,
+                        site_files=site_files, label_names=label_names or None, cache_dir=cache_dir)
     out = []
     for i, site in enumerate(loaded):
         train, test = split_subjects(site.windows, test_fraction, seed=seed * 1009 + i)
@@ -74,7 +86,9 @@ def prepare_sites(cfg: RunConfig) -> list[SiteSplit]:
 
     Memoised in-process: a simulated client asks for its site on every message.
     """
-    return list(_prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed, preprocess_spec(cfg)))
+    cache = cfg.cache_path if cfg.dataset != "synthetic" else None
+    return list(_prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed,
+                                      preprocess_spec(cfg), cfg.site_list, run_labels(cfg), cache))
 
 
 def lora_spec(cfg: RunConfig):
@@ -106,7 +120,17 @@ def run_input(cfg: RunConfig) -> tuple[tuple[str, ...], int]:
         Samples per window.
     """
     spec = preprocess_spec(cfg)
-    return tuple(DATASET_CHANNELS[cfg.dataset]), int(round(spec.window_seconds * spec.sfreq))
+    n_times = int(round(spec.window_seconds * spec.sfreq))
+    if cfg.channel_list:
+        from .data.channels import to_vocab
+
+        return tuple(to_vocab(cfg.channel_list)), n_times
+    if cfg.dataset not in DATASET_CHANNELS:
+        raise ValueError(
+            f"The channels of dataset={cfg.dataset!r} are only known from the sites' data; backbone "
+            f"{cfg.backbone!r} is built for a fixed channel list, so set 'channels' (--channels Fp1,Fp2,...)."
+        )
+    return tuple(DATASET_CHANNELS[cfg.dataset]), n_times
 
 
 def build_model(
@@ -250,4 +274,4 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                      extra={"per_site_mean": mean})
 
 
-__all__ = ["DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]
+__all__ = ["run_labels", "DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]

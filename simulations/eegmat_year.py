@@ -30,7 +30,11 @@ CELLS = [
     ("centralized LoRA (ffa)", ["--mode", "centralized", "--strategy", "ffa"]),
     ("centralized LoRA (fedit)", ["--mode", "centralized", "--strategy", "fedit"]),
     ("local-only LoRA (fedit)", ["--mode", "local", "--strategy", "fedit"]),
+    ("centralized full", ["--mode", "centralized", "--strategy", "full"]),
+    ("local-only full", ["--mode", "local", "--strategy", "full"]),
 ]
+#: Run when --cells is not given (the LoRA comparison of issue 2).
+DEFAULT_CELLS = [c for c, _ in CELLS[:6]]
 
 
 def main() -> int:
@@ -42,10 +46,19 @@ def main() -> int:
     p.add_argument("--backbone", default="labram-small")
     p.add_argument("--runs", default="runs/eegmat-year")
     p.add_argument("--extra", default="", help="More `fedeeg simulate` options for every cell.")
+    p.add_argument("--cells", nargs="+", default=None, metavar="CELL",
+                   help=f"Cells to run (default: the first six): {', '.join(repr(c) for c, _ in CELLS)}.")
+    p.add_argument("--tag", default="", help="Suffix of the result files (eegmat_year[-TAG].md/json), e.g. the backbone.")
     args = p.parse_args()
+    cells = [(c, o) for c, o in CELLS if c in DEFAULT_CELLS]
+    if args.cells:
+        unknown = sorted(set(args.cells) - {c for c, _ in CELLS})
+        if unknown:
+            p.error(f"unknown cell(s) {unknown}; choose from {[c for c, _ in CELLS]}")
+        cells = [(c, o) for c, o in CELLS if c in args.cells]
     fedeeg = [sys.executable, "-m", "fedeeg.cli"]
     rows = []
-    for label, opts in CELLS:
+    for label, opts in cells:
         summaries, commands = [], []
         for seed in args.seeds:
             out = Path(args.runs) / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
@@ -88,8 +101,9 @@ def main() -> int:
     print(text)
     res = Path(__file__).parent / "results"
     res.mkdir(exist_ok=True)
-    (res / "eegmat_year.md").write_text(text)
-    (res / "eegmat_year.json").write_text(json.dumps(rows, indent=2) + "\n")
+    stem = "eegmat_year" + (f"-{args.tag}" if args.tag else "")
+    (res / f"{stem}.md").write_text(text)
+    (res / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -35,3 +35,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Runs in tests write their preprocessed-window cache to a temporary folder, never ~/.cache/fedeeg."""
+    old = os.environ.get("FEDEEG_CACHE_DIR")
+    os.environ["FEDEEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedeeg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FEDEEG_CACHE_DIR", None)
+    else:
+        os.environ["FEDEEG_CACHE_DIR"] = old

@@ -222,7 +222,14 @@ def test_batchnorm_statistics_travel_with_the_weights_and_average(name):
     key = next(k for k in stats if k.endswith("running_var"))
     np.testing.assert_allclose(mean[key], 1.75 * sent[key].numpy(), rtol=1e-6)
     count = next(k for k in stats if k.endswith("num_batches_tracked"))
-    assert mean[count].dtype == np.int64 and int(mean[count]) == 3
+    assert mean[count].dtype == np.int64 and mean[count].item() == 3
+    # ... and survive Flower's ArrayRecord (which has no 0-d arrays) into a fresh model
+    from fedeeg.federation.records import numpy_to_state, record_to_numpy, state_to_record
+
+    again = _model(name, seed=0)
+    load_trainable_state_dict(again, numpy_to_state(record_to_numpy(state_to_record(sent))))
+    again.eval()
+    torch.testing.assert_close(again(_x(seed=9), CH), site(_x(seed=9), CH))
 
 
 # --------------------------------------------------------------------------- weights

@@ -6,6 +6,8 @@ default); nothing here sends data anywhere.
 
 from __future__ import annotations
 
+import os
+
 from .._validation import check_option
 from .base import Site, WindowSet, split_subjects
 from .channels import EEGMAT_CHANNELS, LABRAM_VOCAB, input_chans, standardize_channel_name, to_vocab
@@ -16,7 +18,7 @@ from .synthetic import make_synthetic_raw, make_synthetic_sites
 from .check import CheckReport, check_site
 from .labels import LabelError, Segment, label_from_filename, read_label_table, segments_from_annotations
 from .readers import DataFileError, find_bids_recordings, read_raw_file
-from .site import SiteConfig, SiteConfigError, SiteDataError, SiteReport, load_site_config, load_site_windows
+from .site import SiteConfig, load_site_windows_cached, site_source_files, SiteConfigError, SiteDataError, SiteReport, load_site_config, load_site_windows
 
 __all__ = [
     "DATASETS",
@@ -51,6 +53,8 @@ __all__ = [
     "label_from_filename",
     "load_site_config",
     "load_site_windows",
+    "load_site_windows_cached",
+    "site_source_files",
     "read_label_table",
     "read_raw_file",
     "segments_from_annotations",
@@ -62,7 +66,7 @@ __all__ = [
 ]
 
 #: Datasets :func:`load_sites` knows.
-DATASETS = ("synthetic", "eegmat")
+DATASETS = ("synthetic", "eegmat", "folder")
 
 
 def load_sites(
@@ -73,15 +77,21 @@ def load_sites(
     split: str = "year",
     spec: PreprocessSpec = PreprocessSpec(),
     seed: int = 0,
+    site_files=(),
+    label_names=None,
+    cache_dir=None,
 ) -> list[Site]:
     """Load a dataset as a list of sites.
 
     Parameters
     ----------
-    dataset : {"synthetic", "eegmat"}
+    dataset : {"synthetic", "eegmat", "folder"}
         ``"synthetic"``: :func:`make_synthetic_sites` (``split`` does not apply;
         windows follow ``spec.window_seconds`` and ``spec.sfreq``).
         ``"eegmat"``: :func:`load_eegmat_sites` from ``data_dir``.
+        ``"folder"``: one site per site file (:func:`load_site_config`), read
+        with :func:`load_site_windows` (any format MNE reads, labels from the
+        site file).
     data_dir : path-like | None
         The eegmat folder (required for ``"eegmat"``).
     n_sites : int
@@ -93,6 +103,12 @@ def load_sites(
         Preprocessing (window length and rate).
     seed : int
         Seed of the synthetic data.
+    site_files : sequence of path-like
+        ``"folder"``: the sites' TOML files, one site each, in order.
+    label_names : sequence of str | None
+        ``"folder"``: the federation's classes (required).
+    cache_dir : path-like | None
+        Preprocessed-window cache (eegmat and folder); None: no disk cache.
 
     Returns
     -------
@@ -102,9 +118,26 @@ def load_sites(
     check_option("split", split, ("year", "subject"))
     if dataset == "synthetic":
         return make_synthetic_sites(n_sites, window_seconds=spec.window_seconds, sfreq=spec.sfreq, seed=seed)
+    if dataset == "folder":
+        if isinstance(site_files, (str, os.PathLike)):
+            site_files = [site_files]
+        if not site_files:
+            raise ValueError("dataset='folder' needs the sites' TOML files (site_files=..., --site SITE.toml); got none.")
+        if not label_names:
+            raise ValueError("dataset='folder' needs the federation's label names (label_names=..., --labels a,b); got none.")
+        sites = []
+        for path in site_files:
+            cfg = load_site_config(path)
+            windows = load_site_windows_cached(cfg, spec, tuple(label_names), cache_dir=cache_dir)
+            sites.append(Site(cfg.name, windows, {"site_file": str(path), "format": cfg.data.format}))
+        names = [s.name for s in sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"Site names must be unique across site files, got {dup} more than once: set [site] name.")
+        return sites
     if data_dir is None or str(data_dir) == "":
         raise ValueError(
             "dataset='eegmat' needs the folder of the eegmat recordings: pass --data-dir "
             "(data_dir=...) pointing to the folder with subject-info.csv and SubjectNN_1.edf / SubjectNN_2.edf."
         )
-    return load_eegmat_sites(data_dir, split=split, n_sites=n_sites, spec=spec)
+    return load_eegmat_sites(data_dir, split=split, n_sites=n_sites, spec=spec, cache_dir=cache_dir)

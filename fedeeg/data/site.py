@@ -1120,3 +1120,73 @@ def load_site_windows(site_cfg: SiteConfig, spec: PreprocessSpec, label_names, *
             report,
         )
     return windows, report
+
+
+#: Bump when the way a site's files become windows changes (part of the cache key).
+SITE_LOADER_VERSION = 1
+
+
+def site_source_files(site_cfg: SiteConfig) -> list[Path]:
+    """Every file a site's windows depend on, in a fixed order.
+
+    The recordings, the files beside each that share its name (BrainVision
+    ``.vmrk``/``.eeg``, EEGLAB ``.fdt``, BIDS ``events.tsv``/``channels.tsv``
+    sidecars) and the label table, if any.
+
+    Raises
+    ------
+    SiteDataError
+        If no recording matches (see :func:`discover_recordings`).
+    """
+    if site_cfg.labels.source == "table":
+        table = read_label_table(site_cfg.labels.table, root=site_cfg.data.root, strict=False)
+        paths = [Path(site_cfg.labels.table)] + [Path(p) for p in table.files]
+    else:
+        paths = [r.path for r in discover_recordings(site_cfg)]
+    out: dict[str, Path] = {}
+    for p in paths:
+        out[str(p)] = p
+        stem = _strip_ext(p.name)
+        if stem.endswith("_eeg"):  # BIDS: sidecars share the entities before the suffix
+            stem = stem[: -len("_eeg")]
+        if p.parent.is_dir():
+            for q in p.parent.iterdir():
+                if q.is_file() and q.name.startswith(stem) and not q.name.startswith("."):
+                    out[str(q)] = q
+    return [out[k] for k in sorted(out)]
+
+
+def load_site_windows_cached(site_cfg: SiteConfig, spec: PreprocessSpec, label_names, *, cache_dir=None,
+                             strict: bool | None = None) -> WindowSet:
+    """:func:`load_site_windows` through the preprocessed cache.
+
+    The key covers the content of every file the windows come from
+    (:func:`site_source_files`), the spec, the site description and the
+    label set; a hit never reads an EDF, a changed file or setting is a miss.
+
+    Parameters
+    ----------
+    site_cfg, spec, label_names, strict
+        As :func:`load_site_windows`.
+    cache_dir : path-like | None
+        The cache folder; None reads without a cache.
+
+    Returns
+    -------
+    windows : WindowSet
+    """
+    if cache_dir is None:
+        return load_site_windows(site_cfg, spec, label_names, strict=strict)[0]
+    from .cache import WindowCache
+
+    cache = WindowCache(cache_dir)
+    extra = {"loader": "site", "version": SITE_LOADER_VERSION, "site": site_cfg.to_dict(),
+             "label_names": list(label_names), "strict": strict}
+    key = cache.key(site_source_files(site_cfg), spec, extra)
+    windows = cache.load(key)
+    if windows is not None:
+        logger.info("%s: %d windows from the cache %s", site_cfg.name, windows.n_windows, cache.path(key))
+        return windows
+    windows, report = load_site_windows(site_cfg, spec, label_names, strict=strict)
+    cache.store(key, windows, {"site": site_cfg.name, "n_read": report.n_read, "n_skipped": report.n_skipped})
+    return windows

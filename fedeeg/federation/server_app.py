@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..aggregation import UpdateRejected, check_update, weighted_average
 from ..config import RunConfig
-from ..experiment import DATASET_LABELS, RunResult, round_record, build_model
+from ..experiment import RunResult, build_model, round_record, run_labels
 from ..metrics import pool_metrics
 from . import records as R
 
@@ -69,7 +69,7 @@ def run_federation(
     result : RunResult
         With the global model under ``models["global"]``.
     """
-    label_names = DATASET_LABELS[cfg.dataset]
+    label_names = run_labels(cfg)
     model = build_model(cfg, n_outputs=len(label_names))
     from ..models import load_trainable_state_dict, trainable_state_dict
 

@@ -229,7 +229,9 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     identically built models.
     """
     state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().to("cpu", copy=True) for n, b in _travelling_buffers(model).items()})
+    # 0-d buffers (num_batches_tracked) travel as shape (1,): Flower's ArrayRecord has no 0-d arrays.
+    state.update({n: b.detach().to("cpu", copy=True).reshape(-1) if b.ndim == 0 else b.detach().to("cpu", copy=True)
+                  for n, b in _travelling_buffers(model).items()})
     return state
 
 
@@ -287,6 +289,8 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
         if name not in params:
             continue
         p = params[name]
+        if p.ndim == 0 and tuple(value.shape) == (1,):
+            value = tensors[name] = value.reshape(())
         if tuple(value.shape) != tuple(p.shape):
             problems.append(f"{name}: shape {list(value.shape)}, expected {list(p.shape)}")
         elif value.dtype != p.dtype:
