@@ -1,4 +1,4 @@
-"""The ``fedeeg`` command line: ``simulate`` and ``evaluate``."""
+"""The ``fedeeg`` command line: ``simulate``, ``evaluate`` and ``pretrain``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,118 @@ def evaluate(
     for name, m in result["per_site"].items():
         table.add_row(name, *[_fmt(m[k]) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")], str(m["n_windows"]))
     Console().print(table)
+
+
+@app.command()
+def pretrain(
+    dataset: str = typer.Option("synthetic", help="synthetic | eegmat"),
+    data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat EDF files and subject-info.csv."),
+    sites: int = typer.Option(3, help="Number of sites (synthetic, or eegmat with --split subject)."),
+    split: str = typer.Option("year", help="eegmat: year (3 sites by recording year) | subject (round-robin)."),
+    test_fraction: float = typer.Option(0.34, "--test-fraction",
+                                        help="Fraction of subjects held out inside every site (never used here; "
+                                             "use the fine-tuning run's value)."),
+    backbone: str = typer.Option("labram-small", help="labram-small | labram-base | labram-large | labram-huge."),
+    federated: bool = typer.Option(False, "--federated/--central",
+                                   help="Federated over Flower (full weights averaged, sites keep their EEG) "
+                                        "or central on the pooled training windows."),
+    epochs: int = typer.Option(20, help="Central: epochs over the pooled training windows."),
+    rounds: int = typer.Option(10, help="Federated: rounds."),
+    local_epochs: int = typer.Option(2, "--local-epochs", help="Federated: local epochs per round."),
+    mask_ratio: float = typer.Option(0.5, "--mask-ratio", help="Fraction of each window's patches masked."),
+    target: str = typer.Option("spectrum", help="spectrum (Fourier amplitude + phase, LaBraM) | raw (samples)."),
+    lr: float = typer.Option(5e-4, help="Peak learning rate (warm-up, then cosine decay)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
+    checkpoint: str = typer.Option("", help="Continue from these LaBraM weights (default: random init from --seed)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0, help="Seed of the subject split (use the fine-tuning run's), init, masks, shuffling."),
+    out: str = typer.Option("", help="Output folder (default runs/pretrain-DATASET-BACKBONE-MODE-sSEED)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Self-supervised masked-patch pretraining of a LaBraM backbone on the sites' unlabeled training windows.
+
+    Writes OUT/backbone.safetensors (for `fedeeg simulate --checkpoint`), OUT/pretrain_manifest.json and
+    OUT/loss_curve.png. Held-out subjects are never used.
+    """
+    _setup_logging(verbose)
+    try:
+        from .pretrain import PretrainConfig
+
+        mode = "federated" if federated else "central"
+        out = out or f"runs/pretrain-{dataset}-{backbone}-{mode}-s{seed}"
+        cfg = PretrainConfig(backbone=backbone, dataset=dataset, data_dir=data_dir, sites=sites, split=split,
+                             test_fraction=test_fraction, seed=seed, window_seconds=window_seconds, federated=federated,
+                             epochs=epochs, rounds=rounds, local_epochs=local_epochs, mask_ratio=mask_ratio,
+                             target=target, lr=lr, batch_size=batch_size, checkpoint=checkpoint, device=device, out=out)
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(exc, debug)
+    try:
+        _run_pretrain(cfg, verbose)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError, FloatingPointError) as exc:
+        _fail(exc, debug)
+
+
+def _run_pretrain(cfg, verbose: bool) -> None:
+    import shlex
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .pretrain import build_pretrainer, count_trainable, pretrain_central, pretrain_windows, write_pretrain_outputs
+
+    start = time.perf_counter()
+    with console.status(f"Loading {cfg.dataset} sites and holding out subjects…"):
+        windows = pretrain_windows(cfg)
+    table = Table(title=f"{len(windows)} sites ({cfg.dataset}): training subjects only, unlabeled", show_edge=False)
+    for col in ("site", "subjects", "windows"):
+        table.add_column(col, justify="right")
+    for name, w in windows.items():
+        table.add_row(name, str(len(w.subjects)), str(w.n_windows))
+    console.print(table)
+    n_trainable = count_trainable(build_pretrainer(cfg))
+    unit, total = ("rounds", cfg.rounds) if cfg.federated else ("epochs", cfg.epochs)
+    schedule = f"{cfg.rounds} rounds × {cfg.local_epochs} local epochs" if cfg.federated else f"{cfg.epochs} epochs"
+    console.print(f"{cfg.mode} masked-patch pretraining of [bold]{cfg.backbone}[/] ({n_trainable:,} trainable parameters: "
+                  f"backbone + mask token + decoder), target {cfg.target}, mask ratio {cfg.mask_ratio}"
+                  f"{' (symmetric)' if cfg.symmetric else ''}, {schedule}, lr {cfg.lr:g}, seed {cfg.seed}")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} " + unit),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    task = progress.add_task(f"pretrain ({cfg.mode})", total=total)
+
+    def on_step(rec: dict) -> None:
+        key = "round" if "round" in rec else "epoch"
+        extra = f"  {rec['sites_answered']} sites" if "sites_answered" in rec else ""
+        if rec.get("rejected"):
+            extra += f", {len(rec['rejected'])} rejected"
+        progress.console.print(f"{key} {rec[key]:>3}  loss {rec['loss']:.4f}  {rec['windows_per_second']:.1f} windows/s  "
+                               f"({rec['seconds']:.1f} s){extra}")
+        progress.advance(task)
+
+    with progress:
+        if cfg.federated:
+            from .federation.pretrain import run_pretrain_simulation
+
+            result = run_pretrain_simulation(cfg, n_sites=len(windows), on_round=on_step, verbose=verbose)
+        else:
+            result = pretrain_central(cfg, windows, on_epoch=on_step)
+    wall = time.perf_counter() - start
+    out = write_pretrain_outputs(cfg, result, wall_seconds=wall)
+    ckpt = out / "backbone.safetensors"
+    wps = [h["windows_per_second"] for h in result.history]
+    console.print(f"final loss {result.losses[-1]:.4f} (first {result.losses[0]:.4f}); {result.n_windows} windows, "
+                  f"mean {sum(wps) / len(wps):.1f} windows/s; {wall:.1f} s")
+    console.print(f"checkpoint: [bold]{ckpt}[/] (+ pretrain_manifest.json, loss_curve.png)")
+    cmd = ["fedeeg", "simulate", "--dataset", cfg.dataset]
+    if cfg.data_dir:
+        cmd += ["--data-dir", cfg.data_dir]
+    cmd += ["--split", cfg.split, "--sites", str(len(windows)), "--test-fraction", str(cfg.test_fraction),
+            "--seed", str(cfg.seed), "--backbone", cfg.backbone, "--window-seconds", str(cfg.window_seconds),
+            "--checkpoint", str(ckpt)]
+    console.print("fine-tune with it (same split and seed, so its held-out subjects stay unseen):")
+    console.print(shlex.join(cmd), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
