@@ -31,7 +31,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        # Logs go to stderr, so that --json output on stdout stays parseable.
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
         force=True,
     )
     logging.getLogger("fedeeg").setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -40,6 +41,11 @@ def _setup_logging(verbose: bool) -> None:
     import mne
 
     mne.set_log_level("INFO" if verbose else "ERROR")
+    # MNE prints through its own handler to stdout; send its records through ours (stderr) instead.
+    mne_logger = logging.getLogger("mne")
+    for handler in list(mne_logger.handlers):
+        mne_logger.removeHandler(handler)
+    mne_logger.propagate = True
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -66,9 +72,14 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 @app.command()
 def simulate(
-    dataset: str = typer.Option("synthetic", help="synthetic | eegmat"),
+    dataset: str = typer.Option("synthetic", help="synthetic | eegmat | folder (recordings described by --site files)."),
     data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat EDF files and subject-info.csv."),
     sites: int = typer.Option(3, help="Number of sites (synthetic, or eegmat with --split subject)."),
+    site: list[str] = typer.Option([], "--site", help="--dataset folder: a site's TOML file (once per site)."),
+    labels: str = typer.Option("", "--labels", help="--dataset folder: the federation's classes, comma-separated (e.g. left,right)."),
+    channels: str = typer.Option("", "--channels", help="Channels every site's windows hold, comma-separated (default: each site's own)."),
+    max_interpolated: int = typer.Option(0, "--max-interpolated", help="Most missing channels a recording may have interpolated."),
+    cache_dir: str = typer.Option("", "--cache-dir", help="Preprocessed-window cache (default $FEDEEG_CACHE_DIR or ~/.cache/fedeeg; 'off': none)."),
     split: str = typer.Option("year", help="eegmat: year (3 sites by recording year) | subject (round-robin)."),
     test_fraction: float = typer.Option(0.34, "--test-fraction", help="Fraction of subjects held out inside every site."),
     mode: str = typer.Option("federated", help="federated | centralized | local (same model, same budget)."),
@@ -78,8 +89,10 @@ def simulate(
     lora_rank: int = typer.Option(2, "--lora-rank", help="LoRA rank of qkv and MLP."),
     lora_preset: str = typer.Option("paper", "--lora-preset", help="paper | attention | all-linear."),
     conv_rank: int = typer.Option(4, "--conv-rank", help="LoRA rank of the temporal convs (paper preset; 0 = none)."),
-    backbone: str = typer.Option("labram-small", help="labram-small | labram-base | labram-large | labram-huge."),
-    checkpoint: str = typer.Option("", help="LaBraM checkpoint file (official .pth, state dict or .safetensors)."),
+    backbone: str = typer.Option("labram-small", help="labram-small | labram-base | labram-large | labram-huge (LoRA); "
+                                 "eegnet | eeg-inception | cbramod (baselines, --strategy full)."),
+    checkpoint: str = typer.Option("", help="Backbone checkpoint (official LaBraM .pth, state dict or .safetensors; "
+                                   "`fedeeg pretrain` writes one)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: ffa 1e-2, fedit 5e-3, full 5e-4)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
@@ -95,7 +108,9 @@ def simulate(
         from .config import RunConfig
 
         out = out or f"runs/{dataset}-{mode}-{strategy}-s{seed}"
-        cfg = RunConfig(dataset=dataset, data_dir=data_dir, sites=sites, split=split, test_fraction=test_fraction,
+        cfg = RunConfig(dataset=dataset, data_dir=data_dir, sites=sites, site_files=",".join(site), labels=labels,
+                        channels=channels, max_interpolated=max_interpolated, cache_dir=cache_dir,
+                        split=split, test_fraction=test_fraction,
                         mode=mode, strategy=strategy, rounds=rounds, local_epochs=local_epochs, backbone=backbone,
                         checkpoint=checkpoint, lora_preset=lora_preset, lora_rank=lora_rank, conv_rank=conv_rank,
                         lr=lr, batch_size=batch_size, window_seconds=window_seconds, device=device, seed=seed, out=out)
@@ -166,11 +181,82 @@ def _run_simulate(cfg, verbose: bool) -> None:
                   f"{'adapters/' if cfg.mode == 'local' else 'adapter/'}, learning_curve.png")
 
 
+def _cache_path(cache_dir: str) -> str | None:
+    """--cache-dir: '' = the default location, 'off' = no cache."""
+    if cache_dir == "off":
+        return None
+    if cache_dir:
+        return cache_dir
+    from .data.cache import default_cache_dir
+
+    return str(default_cache_dir())
+
+
+@app.command()
+def check(
+    site: Optional[Path] = typer.Option(None, "--site", help="The site's TOML file (data root, format, labels, channels)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Quick use without a site file: a folder of recordings."),
+    fmt: str = typer.Option("auto", "--format", help="--data-dir: edf | bdf | brainvision | eeglab | fif | bids | auto."),
+    label_map: str = typer.Option("", "--label-map", help="--data-dir: annotation -> label, e.g. 'T1=left,T2=right'."),
+    labels: str = typer.Option("", "--labels", help="The federation's classes, comma-separated (default: the site file's labels)."),
+    channels: str = typer.Option("", "--channels", help="Channels the federation's windows hold, comma-separated (default: each recording's)."),
+    max_interpolated: int = typer.Option(0, "--max-interpolated", help="Most missing channels a recording may have interpolated."),
+    window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
+    strict: bool = typer.Option(False, "--strict", help="Make the first bad file fatal (default: skip and count it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only a JSON report."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Read a site's recordings as training would and report what is usable; exit 1 when the site cannot train.
+
+    The report names files, channels, rates, durations, windows per label and
+    per subject, and amplitude checks; it never prints signal values or
+    identifiers from the recordings' headers.
+    """
+    _setup_logging(verbose and not as_json)
+    if as_json or not verbose:
+        for name in ("fedeeg", "mne"):  # the report carries every warning
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from .data.check import check_site
+        from .data.preprocessing import PreprocessSpec
+        from .data.site import SiteConfig, load_site_config
+
+        if (site is None) == (data_dir is None):
+            raise ValueError("Give either --site SITE.toml or --data-dir FOLDER (with --format and --label-map), not both or neither.")
+        if site is not None:
+            site_cfg = load_site_config(site)
+        else:
+            pairs = [p.split("=", 1) for p in label_map.split(",") if p.strip()]
+            if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+                raise ValueError(f"--label-map must look like 'T1=left,T2=right' (annotation=label), got {label_map!r}.")
+            site_cfg = SiteConfig.from_dict(
+                {"site": {"name": data_dir.name}, "data": {"root": str(data_dir), "format": fmt},
+                 "labels": {"source": "annotations", "mapping": {k.strip(): v.strip() for k, v in pairs}}},
+                base_dir=Path.cwd())
+        label_names = tuple(x.strip() for x in labels.split(",") if x.strip()) or tuple(
+            dict.fromkeys(v for _, v in site_cfg.labels.values()))
+        if not label_names:
+            raise ValueError(f"The site's labels come from a {site_cfg.labels.source}: give the federation's classes with --labels a,b.")
+        spec = PreprocessSpec(window_seconds=window_seconds, channels=tuple(x.strip() for x in channels.split(",") if x.strip()) or None,
+                              max_interpolated=max_interpolated)
+        report = check_site(site_cfg, spec, label_names, strict=strict or None)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.format_text() + "\n")
+    raise typer.Exit(0 if report.can_train else 1)
+
+
 @app.command()
 def evaluate(
     adapter: Path = typer.Option(..., help="Model folder written by a run (OUT/adapter)."),
-    dataset: str = typer.Option("synthetic", help="synthetic | eegmat"),
+    dataset: str = typer.Option("synthetic", help="synthetic | eegmat | folder (recordings described by --site files)."),
     data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat recordings."),
+    site: list[str] = typer.Option([], "--site", help="--dataset folder: a site's TOML file (once per site)."),
+    cache_dir: str = typer.Option("", "--cache-dir", help="Preprocessed-window cache (default $FEDEEG_CACHE_DIR or ~/.cache/fedeeg; 'off': none)."),
     checkpoint: str = typer.Option("", help="Backbone checkpoint, if the adapter was trained on one."),
     sites: int = typer.Option(3, help="Synthetic: number of sites to generate."),
     seed: int = typer.Option(12345, help="Synthetic: seed of the generated data (default: subjects unseen in training)."),
@@ -186,7 +272,7 @@ def evaluate(
         from .evaluation import evaluate_model_dir
 
         result = evaluate_model_dir(adapter, dataset=dataset, data_dir=data_dir or None, checkpoint=checkpoint or None,
-                                    n_sites=sites, seed=seed)
+                                    n_sites=sites, seed=seed, site_files=site, cache_dir=_cache_path(cache_dir))
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc, debug)
     if as_json:
