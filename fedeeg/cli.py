@@ -202,6 +202,7 @@ def check(
     channels: str = typer.Option("", "--channels", help="Channels the federation's windows hold, comma-separated (default: each recording's)."),
     max_interpolated: int = typer.Option(0, "--max-interpolated", help="Most missing channels a recording may have interpolated."),
     window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
+    reject_uv: float = typer.Option(0.0, "--reject-uv", help="Reject windows whose peak-to-peak amplitude exceeds this (µV; 0: keep all)."),
     strict: bool = typer.Option(False, "--strict", help="Make the first bad file fatal (default: skip and count it)."),
     as_json: bool = typer.Option(False, "--json", help="Print only a JSON report."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -239,7 +240,7 @@ def check(
         if not label_names:
             raise ValueError(f"The site's labels come from a {site_cfg.labels.source}: give the federation's classes with --labels a,b.")
         spec = PreprocessSpec(window_seconds=window_seconds, channels=tuple(x.strip() for x in channels.split(",") if x.strip()) or None,
-                              max_interpolated=max_interpolated)
+                              max_interpolated=max_interpolated, reject_peak_to_peak=reject_uv or None)
         report = check_site(site_cfg, spec, label_names, strict=strict or None)
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         _fail(exc, debug)

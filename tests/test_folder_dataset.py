@@ -136,3 +136,24 @@ def test_folder_config_errors():
         RunConfig(labels="a,b")
     with pytest.raises(ValueError, match="names a channel twice"):
         RunConfig(channels="Fp1,Fp1")
+
+
+def test_amplitude_rejection_is_counted_per_label(tmp_path):
+    # Prepare: one recording with a 2-mV artifact inside the first T1 epoch (1-5 s)
+    from fedeeg.data.preprocessing import PreprocessSpec
+    from fedeeg.data.site import load_site_config, load_site_windows
+
+    raw = make_raw(duration=20.0, sfreq=250.0, seed=3)
+    raw._data[2, int(2.2 * 250):int(2.4 * 250)] += 2e-3
+    write(raw, tmp_path / "site" / "S01.edf")
+    toml = tmp_path / "site.toml"
+    toml.write_text(SITE_TOML.format(name="s", root=(tmp_path / "site").as_posix(), fmt="edf"))
+    site = load_site_config(toml)
+    # Execute
+    kept, report_kept = load_site_windows(site, PreprocessSpec(window_seconds=2.0), ("left", "right"))
+    clean, report = load_site_windows(site, PreprocessSpec(window_seconds=2.0, reject_peak_to_peak=500.0), ("left", "right"))
+    # Assert: exactly the artifact's window goes, counted under its label
+    assert kept.n_windows - clean.n_windows == 1
+    assert report.files[0].rejected_per_label == {"left": 1}
+    assert any("rejected" in w for w in report.files[0].warnings)
+    assert report_kept.files[0].rejected_per_label == {}

@@ -71,7 +71,7 @@ from .labels import (
     read_label_table,
     segments_from_annotations,
 )
-from .preprocessing import PreprocessSpec, make_windows, preprocess_raw
+from .preprocessing import PreprocessSpec, make_windows, preprocess_raw, reject_windows
 from .readers import BIDS_ENTITIES, EXTENSIONS, DataFileError, _log_warnings, _read, _CHATTER, find_bids_recordings
 
 __all__ = [
@@ -550,7 +550,9 @@ class FileReport:
     n_segments : int
         Labelled segments.
     windows_per_label : dict of str to int
-        Windows cut per class.
+        Windows cut per class (after artifact rejection).
+    rejected_per_label : dict of str to int
+        Windows rejected by amplitude per class (``spec.reject_peak_to_peak``).
     warnings : list of str
         One line each.
     """
@@ -571,6 +573,7 @@ class FileReport:
     large: list = field(default_factory=list)
     n_segments: int = 0
     windows_per_label: dict = field(default_factory=dict)
+    rejected_per_label: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
     @property
@@ -845,7 +848,19 @@ def _segments_to_windows(data: np.ndarray, segments, spec: PreprocessSpec, label
         )
     if not xs:
         return np.empty((0, data.shape[0], spec.n_times), np.float32), np.empty(0, np.int64)
-    return np.concatenate(xs), np.concatenate(ys)
+    X, y = np.concatenate(xs), np.concatenate(ys)
+    if spec.reject_peak_to_peak is not None:
+        X, keep = reject_windows(X, spec, source=report.file)
+        if not keep.all():
+            names = {i: n for n, i in label_index.items()}
+            counts = np.bincount(y[~keep], minlength=len(names))
+            report.rejected_per_label = {names[i]: int(c) for i, c in enumerate(counts) if c}
+            report.warnings.append(
+                f"{int((~keep).sum())} of {len(keep)} window(s) rejected: peak-to-peak above "
+                f"{spec.reject_peak_to_peak:g} µV ({', '.join(f'{k}: {v}' for k, v in report.rejected_per_label.items())})"
+            )
+        y = y[keep]
+    return X, y
 
 
 def _load_file(rec: Recording, site: SiteConfig, spec: PreprocessSpec, label_names, table) -> _FileResult:
