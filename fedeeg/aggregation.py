@@ -8,7 +8,17 @@ tensors that travel. What differs is which tensors travel:
 - ``fedit``: LoRA A and B averaged separately (mean(B) @ mean(A) is not
   mean(B @ A): the inexact baseline);
 - ``full``: every backbone weight (full fine-tuning), with BatchNorm running
-  statistics where the backbone has them (EEGNet, EEG-Inception).
+  statistics where the backbone has them (EEGNet, EEG-Inception);
+- ``rolora``: A and B train in alternate rounds (:func:`travelling_names`): in
+  odd rounds B and the head (A is the same at every site, so mean(B) @ A ==
+  mean(B @ A)), in even rounds A and the head (B is shared: B @ mean(A) ==
+  mean(B @ A)); each round is exact.
+
+Because every rule above is a sum, it also works under secure aggregation
+(:mod:`fedeeg.secagg`), where the server only learns sums. Runs without it may
+instead merge with the robust coordinate-wise :func:`coordinate_median` or
+:func:`trimmed_mean` (unweighted), and bound each update's norm
+(:func:`check_norm`).
 """
 
 from __future__ import annotations
@@ -110,4 +120,169 @@ def lora_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return b2 @ a2
 
 
-__all__ = ["UpdateRejected", "check_update", "weighted_average", "lora_delta"]
+def rolora_phase(server_round: int) -> str:
+    """Which LoRA matrix trains under ``rolora`` in a round: ``"B"`` in odd rounds, ``"A"`` in even ones.
+
+    B first: it starts at zero, so A's gradient is zero until B has moved.
+    """
+    return "B" if int(server_round) % 2 == 1 else "A"
+
+
+def travelling_names(names, strategy: str, server_round: int) -> list[str]:
+    """The tensors that train and travel in a round (all of them except under ``rolora``).
+
+    Parameters
+    ----------
+    names : iterable of str
+        The trainable tensors' names.
+    strategy : str
+        The run's strategy.
+    server_round : int
+        The round (from 1).
+    """
+    names = list(names)
+    if strategy != "rolora":
+        return names
+    frozen = ".lora_A." if rolora_phase(server_round) == "B" else ".lora_B."
+    return [n for n in names if frozen not in n]
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(a).dtype, np.floating)
+
+
+def float_names(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point tensors, sorted (the layout of a flattened update).
+
+    Integer tensors (BatchNorm's ``num_batches_tracked``) are counters, not
+    weights: they are left out of norms and of the secure sum.
+    """
+    return sorted(n for n, a in tensors.items() if _is_float(a))
+
+
+def flatten_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                  names: Sequence[str]) -> np.ndarray:
+    """The update's change from ``reference`` over ``names``, as one float64 vector of shape (n_values,)."""
+    if not names:
+        return np.zeros(0)
+    return np.concatenate([(np.asarray(update[n], dtype=np.float64) - np.asarray(reference[n], dtype=np.float64)).ravel()
+                           for n in names])
+
+
+def apply_delta(reference: Mapping[str, np.ndarray], delta: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``reference`` plus a flattened change over ``names`` (see :func:`flatten_delta`); dtypes kept."""
+    out = dict(reference)
+    pos = 0
+    for n in names:
+        ref = np.asarray(reference[n])
+        size = ref.size
+        new = ref.astype(np.float64) + np.asarray(delta[pos:pos + size]).reshape(ref.shape)
+        out[n] = (np.rint(new) if np.issubdtype(ref.dtype, np.integer) else new).astype(ref.dtype)
+        pos += size
+    if pos != np.asarray(delta).size:
+        raise ValueError(f"The flattened change has {np.asarray(delta).size} values, the tensors {pos}.")
+    return out
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the change of the floating-point tensors of ``update`` from ``reference``."""
+    return float(np.linalg.norm(flatten_delta(update, reference, float_names(update))))
+
+
+def clip_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale the change of ``update`` from ``reference`` down to L2 norm ``bound`` when longer.
+
+    Returns
+    -------
+    clipped : dict of str to ndarray
+        Same names, shapes and dtypes (integer tensors untouched).
+    norm : float
+        The norm before clipping.
+    """
+    names = float_names(update)
+    delta = flatten_delta(update, reference, names)
+    norm = float(np.linalg.norm(delta))
+    out = dict(update)
+    if bound > 0 and norm > bound:
+        # A margin of 1e-6 keeps the clipped norm below the bound after the cast back to float32.
+        out.update({k: v for k, v in apply_delta(reference, delta * (bound / norm) * (1 - 1e-6), names).items() if k in names})
+    return out, norm
+
+
+def check_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], bound: float, *,
+               site: str = "?") -> float:
+    """Reject an update whose change from ``reference`` is longer than ``bound`` (0 = no bound).
+
+    Returns
+    -------
+    norm : float
+
+    Raises
+    ------
+    UpdateRejected
+        Naming the site, the norm and the bound.
+    """
+    norm = update_norm(update, reference)
+    # Slack for the float32 rounding of a clipped update: one ulp of every reference value.
+    ref_norm = np.sqrt(sum(float(np.sum(np.asarray(reference[n], dtype=np.float64) ** 2)) for n in float_names(update)))
+    slack = float(np.finfo(np.float32).eps) * ref_norm
+    if bound > 0 and norm > bound * (1 + 1e-5) + slack:
+        raise UpdateRejected(f"Update from site {site!r} rejected: its change has L2 norm {norm:.4g}, above the "
+                             f"bound clip={bound:g}.")
+    return norm
+
+
+def _stack(updates: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    return np.stack([np.asarray(u[name], dtype=np.float64) for u in updates])
+
+
+def _cast_like(acc: np.ndarray, like: np.ndarray) -> np.ndarray:
+    dtype = np.asarray(like).dtype
+    return (np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
+
+
+def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median of the sites' tensors (unweighted; robust to a minority of bad updates)."""
+    if not updates:
+        raise ValueError("Cannot aggregate zero updates.")
+    return {n: _cast_like(np.median(_stack(updates, n), axis=0), updates[0][n]) for n in updates[0]}
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], trim: float = 0.2) -> dict[str, np.ndarray]:
+    """Coordinate-wise trimmed mean: drop the ``floor(trim * n)`` largest and smallest values of each coordinate.
+
+    Parameters
+    ----------
+    updates : sequence of mapping
+        The sites' tensors.
+    trim : float
+        Fraction trimmed at each end, in [0, 0.5).
+    """
+    if not updates:
+        raise ValueError("Cannot aggregate zero updates.")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"'trim' must be in [0, 0.5), got {trim!r}.")
+    k = int(np.floor(trim * len(updates)))
+    out = {}
+    for n in updates[0]:
+        s = np.sort(_stack(updates, n), axis=0)
+        out[n] = _cast_like(s[k:len(updates) - k].mean(axis=0), updates[0][n])
+    return out
+
+
+def aggregate(updates: Sequence[tuple[Mapping[str, np.ndarray], float]], rule: str = "mean") -> dict[str, np.ndarray]:
+    """Merge the sites' tensors with ``rule`` in {"mean", "median", "trimmed-mean"} (see RunConfig.aggregation)."""
+    if rule == "mean":
+        return weighted_average(updates)
+    if rule == "median":
+        return coordinate_median([u for u, _ in updates])
+    if rule == "trimmed-mean":
+        return trimmed_mean([u for u, _ in updates])
+    raise ValueError(f"Invalid value for the 'aggregation' parameter. Allowed values are 'mean', 'median', "
+                     f"'trimmed-mean', but got {rule!r} instead.")
+
+
+__all__ = ["UpdateRejected", "check_update", "weighted_average", "lora_delta", "rolora_phase", "travelling_names",
+           "float_names", "flatten_delta", "apply_delta", "update_norm", "clip_update", "check_norm",
+           "coordinate_median", "trimmed_mean", "aggregate"]
