@@ -14,11 +14,22 @@ differences between hospitals:
 
 Everything is drawn from :class:`numpy.random.Generator` seeded from ``seed``
 (site ``i`` uses ``[seed, i]``, so a site's data does not depend on ``n_sites``).
+
+Research scenarios add stronger, configurable differences between sites
+(:class:`SiteHeterogeneity`): label skew (Dirichlet alpha), montage
+differences (each site lacks some channels), different native sampling rates
+(resampled to the common rate), amplitude and noise shifts, and skewed site
+sizes. Each knob draws from its own generator (``[seed, i, 7919, k]``), so
+turning one on never changes another's draws, and with every knob off the data
+are exactly those without heterogeneity. :func:`make_synthetic_site` builds
+one site without building the others (simulated clients load only their own).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -26,7 +37,7 @@ from .._validation import check_range
 from .base import Site, WindowSet
 from .channels import EEGMAT_CHANNELS, to_vocab
 
-__all__ = ["make_synthetic_raw", "make_synthetic_sites"]
+__all__ = ["SiteHeterogeneity", "make_synthetic_raw", "make_synthetic_site", "make_synthetic_sites"]
 
 LABEL_NAMES = ("rest", "arithmetic")
 
@@ -119,6 +130,8 @@ def _make_site(
     n_times: int,
     sfreq: float,
     ch_names: tuple[str, ...],
+    extra_gain: float = 1.0,
+    extra_noise: float = 0.0,
 ) -> Site:
     rng = np.random.default_rng([seed, site_index])
     n_chans = len(ch_names)
@@ -129,8 +142,8 @@ def _make_site(
     topo_alpha, topo_theta, topo_beta = _topographies(ch_names)
 
     # Site: amplifier gain, noise floor, per-channel gains, bad channels.
-    gain = rng.uniform(0.6, 1.6)
-    noise_floor = rng.uniform(0.01, 0.05)
+    gain = rng.uniform(0.6, 1.6) * extra_gain
+    noise_floor = rng.uniform(0.01, 0.05) + extra_noise
     chan_gain = np.exp(rng.normal(0.0, 0.1, n_chans))
     n_bad = int(rng.integers(1, 3)) if n_chans > 2 else 0
     bad = np.sort(rng.choice(n_chans, size=n_bad, replace=False)) if n_bad else np.array([], dtype=int)
@@ -193,6 +206,188 @@ def _make_site(
     return Site(f"site-{site_index}", windows, info)
 
 
+@dataclass(frozen=True)
+class SiteHeterogeneity:
+    """How much synthetic sites differ beyond the default site effects.
+
+    Every knob's default is "off"; with all off, sites are exactly those of
+    :func:`make_synthetic_sites` without heterogeneity.
+
+    Parameters
+    ----------
+    label_alpha : float
+        Label skew: each site's class proportions are drawn from a symmetric
+        Dirichlet with this alpha (small = strong skew, e.g. 0.3; large = near
+        balanced); the rarer class keeps ``proportion / max_proportion`` of its
+        windows per subject, at least one. 0 = balanced classes (off).
+    montage_drop : float
+        Fraction of the channels each site lacks (a random subset per site, at
+        least 2 channels kept), in [0, 0.9]. Sites then hold different
+        channels, which LaBraM backbones take; fixed-input baselines and
+        pooled (centralized) training need a common channel list. 0 = off.
+    site_sfreqs : tuple of float
+        Native sampling rates (Hz) the sites record at, site ``i`` at
+        ``site_sfreqs[i % len(site_sfreqs)]``; the signal is generated at that
+        rate (nothing above its Nyquist frequency) and resampled to the common
+        ``sfreq`` (polyphase, anti-aliased). Empty = every site at ``sfreq``.
+    amplitude_shift : float
+        Standard deviation of an extra log gain per site (amplifier
+        calibration), >= 0. 0 = off.
+    noise_shift : float
+        Largest extra white-noise level per site (model units, 0.1 mV; drawn
+        uniformly in [0, noise_shift]), >= 0. 0 = off.
+    size_skew : float
+        Site size skew: a site's subject count is ``subjects_per_site`` times a
+        log-normal factor with this log standard deviation (mean 1), at least
+        2 subjects. 0 = every site the same size.
+    """
+
+    label_alpha: float = 0.0
+    montage_drop: float = 0.0
+    site_sfreqs: tuple[float, ...] = ()
+    amplitude_shift: float = 0.0
+    noise_shift: float = 0.0
+    size_skew: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_range("label_alpha", self.label_alpha, low=0.0, kind=(int, float))
+        check_range("montage_drop", self.montage_drop, low=0.0, high=0.9, kind=(int, float))
+        check_range("amplitude_shift", self.amplitude_shift, low=0.0, high=3.0, kind=(int, float))
+        check_range("noise_shift", self.noise_shift, low=0.0, high=5.0, kind=(int, float))
+        check_range("size_skew", self.size_skew, low=0.0, high=3.0, kind=(int, float))
+        rates = self.site_sfreqs
+        if isinstance(rates, str):
+            rates = tuple(float(r) for r in rates.replace(" ", "").split(",") if r)
+        if isinstance(rates, (int, float)):
+            rates = (rates,)
+        rates = tuple(rates)
+        for r in rates:
+            check_range("site_sfreqs", r, low=20.0, high=10_000.0, kind=(int, float, np.integer, np.floating))
+        object.__setattr__(self, "site_sfreqs", tuple(float(r) for r in rates))
+
+    @property
+    def active(self) -> bool:
+        """Whether any knob is on."""
+        return self != SiteHeterogeneity()
+
+    def to_dict(self) -> dict:
+        return {"label_alpha": self.label_alpha, "montage_drop": self.montage_drop,
+                "site_sfreqs": list(self.site_sfreqs), "amplitude_shift": self.amplitude_shift,
+                "noise_shift": self.noise_shift, "size_skew": self.size_skew}
+
+
+#: Offsets of the knobs' own generators (``[seed, site, 7919, k]``).
+_KNOB = {"size": 0, "gain": 1, "noise": 2, "label": 3, "montage": 4}
+
+
+def _knob_rng(seed: int, site_index: int, knob: str) -> np.random.Generator:
+    return np.random.default_rng([seed, site_index, 7919, _KNOB[knob]])
+
+
+def _resample(X: np.ndarray, native: float, target: float, n_times: int) -> np.ndarray:
+    """Polyphase resampling of ``X`` (..., n_native) to ``target`` Hz, cropped/padded to ``n_times``."""
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target / native).limit_denominator(1000)
+    out = resample_poly(X, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
+    if out.shape[-1] >= n_times:
+        return out[..., :n_times]
+    pad = [(0, 0)] * (out.ndim - 1) + [(0, n_times - out.shape[-1])]
+    return np.pad(out, pad, mode="edge")
+
+
+def make_synthetic_site(
+    site_index: int,
+    *,
+    subjects_per_site: int = 6,
+    windows_per_class: int = 20,
+    window_seconds: float = 4.0,
+    sfreq: float = 200.0,
+    ch_names=EEGMAT_CHANNELS,
+    seed: int = 0,
+    heterogeneity: SiteHeterogeneity | None = None,
+) -> Site:
+    """One synthetic site, built without the others.
+
+    ``make_synthetic_site(i, ...)`` equals ``make_synthetic_sites(n, ...)[i]``
+    for any ``n > i`` (same seed and settings).
+
+    Parameters
+    ----------
+    site_index : int
+        The site (``"site-{site_index}"``), >= 0.
+    subjects_per_site, windows_per_class, window_seconds, sfreq, ch_names, seed
+        As in :func:`make_synthetic_sites`.
+    heterogeneity : SiteHeterogeneity | None
+        Extra differences between sites; None = none.
+
+    Returns
+    -------
+    site : Site
+        ``windows.X`` has shape ``(n_windows, n_chans, n_times)`` with
+        ``n_times = round(window_seconds * sfreq)``; fewer channels under
+        ``montage_drop`` and fewer windows under ``label_alpha``. ``info`` adds
+        the active knobs' draws (``native_sfreq``, ``class_proportions``, …).
+    """
+    check_range("site_index", site_index, low=0, kind=(int, np.integer))
+    check_range("subjects_per_site", subjects_per_site, low=1, kind=(int, np.integer))
+    check_range("windows_per_class", windows_per_class, low=1, kind=(int, np.integer))
+    check_range("window_seconds", window_seconds, low=0.0, kind=(int, float))
+    check_range("sfreq", sfreq, low=1.0, kind=(int, float))
+    check_range("seed", seed, low=0, kind=(int, np.integer))
+    if heterogeneity is not None and not isinstance(heterogeneity, SiteHeterogeneity):
+        raise TypeError(f"'heterogeneity' must be a SiteHeterogeneity or None, got {type(heterogeneity).__name__}.")
+    het = heterogeneity or SiteHeterogeneity()
+    n_times = int(round(window_seconds * sfreq))
+    if n_times < 2:
+        raise ValueError(f"window_seconds * sfreq must give at least 2 samples, got {window_seconds} * {sfreq}.")
+    ch_names = to_vocab(ch_names)
+    i, seed = int(site_index), int(seed)
+    n_sub = int(subjects_per_site)
+    info: dict = {}
+    if het.size_skew > 0:
+        s = het.size_skew
+        factor = float(np.exp(_knob_rng(seed, i, "size").normal(-0.5 * s * s, s)))
+        n_sub = max(2, int(round(subjects_per_site * factor)))
+    extra_gain = float(np.exp(_knob_rng(seed, i, "gain").normal(0.0, het.amplitude_shift))) if het.amplitude_shift > 0 else 1.0
+    extra_noise = float(_knob_rng(seed, i, "noise").uniform(0.0, het.noise_shift)) if het.noise_shift > 0 else 0.0
+    native = het.site_sfreqs[i % len(het.site_sfreqs)] if het.site_sfreqs else float(sfreq)
+    n_native = int(round(window_seconds * native)) if native != sfreq else n_times
+    site = _make_site(i, seed, subjects_per_site=n_sub, windows_per_class=int(windows_per_class), n_times=n_native,
+                      sfreq=float(native), ch_names=ch_names, extra_gain=extra_gain, extra_noise=extra_noise)
+    if not het.active:
+        return site
+    w = site.windows
+    X, y, subject, names = w.X, w.y, w.subject, w.ch_names
+    if native != sfreq:
+        X = _resample(X, native, float(sfreq), n_times)
+        info["native_sfreq"] = native
+    if het.label_alpha > 0:
+        props = _knob_rng(seed, i, "label").dirichlet(np.full(len(LABEL_NAMES), float(het.label_alpha)))
+        props = np.maximum(props, 1e-12)
+        keep_n = np.maximum(1, np.round(props / props.max() * windows_per_class)).astype(int)
+        rank = np.zeros(len(y), dtype=int)  # position of each window among its subject's windows of its class
+        for sub in np.unique(subject):
+            for c in range(len(LABEL_NAMES)):
+                idx = np.flatnonzero((subject == sub) & (y == c))
+                rank[idx] = np.arange(idx.size)
+        mask = rank < keep_n[y]
+        X, y, subject = X[mask], y[mask], subject[mask]
+        info["class_proportions"] = ",".join(f"{p:.3f}" for p in props)
+    if het.montage_drop > 0:
+        n_chans = len(names)
+        n_keep = max(2, n_chans - int(round(het.montage_drop * n_chans)))
+        keep = np.sort(_knob_rng(seed, i, "montage").choice(n_chans, size=n_keep, replace=False))
+        X = X[:, keep]
+        names = tuple(names[k] for k in keep)
+        info["n_chans"] = n_keep
+        info["bad_channels"] = ",".join(c for c in site.info["bad_channels"].split(",") if c in names)
+    if het.amplitude_shift > 0:
+        info["gain"] = round(float(site.info["gain"]), 4)
+    windows = WindowSet(np.ascontiguousarray(X, dtype=np.float32), y, subject, names, float(sfreq), LABEL_NAMES)
+    return Site(site.name, windows, {**site.info, **info, "n_windows": windows.n_windows})
+
+
 def make_synthetic_sites(
     n_sites: int = 3,
     *,
@@ -202,6 +397,7 @@ def make_synthetic_sites(
     sfreq: float = 200.0,
     ch_names=EEGMAT_CHANNELS,
     seed: int = 0,
+    heterogeneity: SiteHeterogeneity | None = None,
 ) -> list[Site]:
     """Synthetic rest-vs-arithmetic EEG at several sites, in model units.
 
@@ -221,6 +417,9 @@ def make_synthetic_sites(
         Channel names (mapped onto the LaBraM vocabulary).
     seed : int
         Seed; the same seed gives the same data.
+    heterogeneity : SiteHeterogeneity | None
+        Extra differences between sites (label skew, montage, sampling rate,
+        amplitude/noise, size); None = none.
 
     Returns
     -------
@@ -229,28 +428,14 @@ def make_synthetic_sites(
         ``(subjects_per_site * 2 * windows_per_class, n_chans, n_times)``, float32
         in units of 0.1 mV (typical amplitude 0.1–0.5), label names
         ``("rest", "arithmetic")``; ``info`` holds ``n_subjects``, ``n_windows``,
-        and the site's ``gain``, ``noise_floor`` and ``bad_channels``.
+        and the site's ``gain``, ``noise_floor`` and ``bad_channels``. See
+        :func:`make_synthetic_site` for the shapes under heterogeneity.
     """
     check_range("n_sites", n_sites, low=1, kind=(int, np.integer))
-    check_range("subjects_per_site", subjects_per_site, low=1, kind=(int, np.integer))
-    check_range("windows_per_class", windows_per_class, low=1, kind=(int, np.integer))
-    check_range("window_seconds", window_seconds, low=0.0, kind=(int, float))
-    check_range("sfreq", sfreq, low=1.0, kind=(int, float))
-    check_range("seed", seed, low=0, kind=(int, np.integer))
-    n_times = int(round(window_seconds * sfreq))
-    if n_times < 2:
-        raise ValueError(f"window_seconds * sfreq must give at least 2 samples, got {window_seconds} * {sfreq}.")
-    ch_names = to_vocab(ch_names)
     return [
-        _make_site(
-            i,
-            int(seed),
-            subjects_per_site=int(subjects_per_site),
-            windows_per_class=int(windows_per_class),
-            n_times=n_times,
-            sfreq=float(sfreq),
-            ch_names=ch_names,
-        )
+        make_synthetic_site(i, subjects_per_site=subjects_per_site, windows_per_class=windows_per_class,
+                            window_seconds=window_seconds, sfreq=sfreq, ch_names=ch_names, seed=seed,
+                            heterogeneity=heterogeneity)
         for i in range(int(n_sites))
     ]
 
