@@ -72,6 +72,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
+    scenario: str = typer.Option("", "--scenario", help="A named scenario (simulations/scenarios/NAME.toml) or a scenario "
+                                 "TOML path; its values are defaults that the options given explicitly here override."),
     dataset: str = typer.Option("synthetic", help="synthetic | eegmat | folder (recordings described by --site files)."),
     data_dir: str = typer.Option("", "--data-dir", help="Folder of the eegmat EDF files and subject-info.csv."),
     sites: int = typer.Option(3, help="Number of sites (synthetic, or eegmat with --split subject)."),
@@ -80,10 +83,12 @@ def simulate(
     channels: str = typer.Option("", "--channels", help="Channels every site's windows hold, comma-separated (default: each site's own)."),
     max_interpolated: int = typer.Option(0, "--max-interpolated", help="Most missing channels a recording may have interpolated."),
     cache_dir: str = typer.Option("", "--cache-dir", help="Preprocessed-window cache (default $FEDEEG_CACHE_DIR or ~/.cache/fedeeg; 'off': none)."),
+    reference: str = typer.Option("", "--reference", help="Re-reference recordings: '' (keep) | average."),
+    reject_uv: float = typer.Option(0.0, "--reject-uv", help="Drop windows above this peak-to-peak amplitude (µV; 0: keep all)."),
     split: str = typer.Option("year", help="eegmat: year (3 sites by recording year) | subject (round-robin)."),
     test_fraction: float = typer.Option(0.34, "--test-fraction", help="Fraction of subjects held out inside every site."),
     mode: str = typer.Option("federated", help="federated | centralized | local (same model, same budget)."),
-    strategy: str = typer.Option("fedit", help="ffa (LoRA, A frozen: exact) | fedit (LoRA A and B averaged) | full (full fine-tuning)."),
+    strategy: str = typer.Option("fedit", help="ffa (LoRA, A frozen: exact) | fedit (LoRA A and B averaged) | rolora (LoRA B and A trained in alternate rounds: exact) | full (full fine-tuning)."),
     rounds: int = typer.Option(10, help="Federated rounds (centralized/local: blocks of --local-epochs)."),
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
     lora_rank: int = typer.Option(2, "--lora-rank", help="LoRA rank of qkv and MLP."),
@@ -98,24 +103,91 @@ def simulate(
     window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     seed: int = typer.Option(0, help="Seed of the backbone init, LoRA A, the subject split and training."),
+    secure: bool = typer.Option(False, "--secure", help="Secure aggregation: the server only learns the sum of the sites' updates."),
+    clip: float = typer.Option(0.0, "--clip", help="L2 bound of a site's update per round (0: none; --secure then uses 100)."),
+    dp_sigma: float = typer.Option(0.0, "--dp-sigma", help="Distributed DP noise multiplier: the secure sum carries noise of std dp-sigma x clip (needs --secure)."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Delta of the reported (epsilon, delta)-DP."),
+    secagg_threshold: float = typer.Option(0.6, "--secagg-threshold", help="Shamir threshold: fraction in (0.5, 1) of each site's share holders, or a whole count."),
+    secagg_neighbours: int = typer.Option(0, "--secagg-neighbours", help="Masking neighbours per site (0: all other sites up to 10, then ~3 log2 n)."),
+    secagg_weight_cap: int = typer.Option(10000, "--secagg-weight-cap", help="Training windows at which a site's weight in the secure mean stops growing."),
+    quant_scale: float = typer.Option(0.0, "--quant-scale", help="Fixed-point scale of secure updates (0: the largest safe one)."),
+    aggregation: str = typer.Option("mean", "--aggregation", help="mean | median | trimmed-mean (robust rules: not with --secure)."),
+    fail_sites: int = typer.Option(0, "--fail-sites", help="Simulation: the first N sites fail every round (dropout testing and demos)."),
+    fail_at: str = typer.Option("train", "--fail-at", help="Where they fail: train | upload | unmask (unmask needs --secure)."),
+    reply_timeout: float = typer.Option(0.0, "--reply-timeout", help="Seconds to wait for the sites' replies (0: wait for all)."),
     out: str = typer.Option("", help="Output folder (default runs/DATASET-MODE-STRATEGY-sSEED)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Run N sites on this machine (federated in Flower's simulation engine) and write OUT/."""
     _setup_logging(verbose)
+    if scenario:
+        _simulate_scenario(ctx, scenario, verbose, debug)
+        return
     try:
         from .config import RunConfig
 
         out = out or f"runs/{dataset}-{mode}-{strategy}-s{seed}"
         cfg = RunConfig(dataset=dataset, data_dir=data_dir, sites=sites, site_files=",".join(site), labels=labels,
                         channels=channels, max_interpolated=max_interpolated, cache_dir=cache_dir,
+                        reference=reference, reject_uv=reject_uv,
                         split=split, test_fraction=test_fraction,
                         mode=mode, strategy=strategy, rounds=rounds, local_epochs=local_epochs, backbone=backbone,
                         checkpoint=checkpoint, lora_preset=lora_preset, lora_rank=lora_rank, conv_rank=conv_rank,
-                        lr=lr, batch_size=batch_size, window_seconds=window_seconds, device=device, seed=seed, out=out)
+                        lr=lr, batch_size=batch_size, window_seconds=window_seconds, device=device, seed=seed, out=out,
+                        secure=secure, clip=clip, dp_sigma=dp_sigma, dp_delta=dp_delta, secagg_threshold=secagg_threshold,
+                        secagg_neighbours=secagg_neighbours, secagg_weight_cap=secagg_weight_cap, quant_scale=quant_scale,
+                        aggregation=aggregation, fail_sites=fail_sites, fail_at=fail_at, reply_timeout=reply_timeout)
         if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
             raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(exc, debug)
+    try:
+        _run_simulate(cfg, verbose)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        _fail(exc, debug)
+
+
+#: `fedeeg simulate` options -> RunConfig fields (for --scenario: the options given explicitly override the scenario).
+_SIMULATE_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "sites": "sites", "site": "site_files", "labels": "labels",
+                    "channels": "channels", "max_interpolated": "max_interpolated", "cache_dir": "cache_dir", "reference": "reference", "reject_uv": "reject_uv",
+                    "split": "split", "test_fraction": "test_fraction", "mode": "mode", "strategy": "strategy",
+                    "rounds": "rounds", "local_epochs": "local_epochs", "lora_rank": "lora_rank",
+                    "lora_preset": "lora_preset", "conv_rank": "conv_rank", "backbone": "backbone",
+                    "checkpoint": "checkpoint", "lr": "lr", "batch_size": "batch_size", "window_seconds": "window_seconds",
+                    "device": "device", "seed": "seed", "out": "out", "secure": "secure", "clip": "clip",
+                    "dp_sigma": "dp_sigma", "dp_delta": "dp_delta", "secagg_threshold": "secagg_threshold",
+                    "secagg_neighbours": "secagg_neighbours", "secagg_weight_cap": "secagg_weight_cap",
+                    "quant_scale": "quant_scale", "aggregation": "aggregation", "fail_sites": "fail_sites",
+                    "fail_at": "fail_at", "reply_timeout": "reply_timeout"}
+
+
+def _explicit_options(ctx: typer.Context) -> dict:
+    """The simulate options given on the command line (not left at their defaults), as RunConfig settings."""
+    from click.core import ParameterSource
+
+    given = {}
+    for name, field in _SIMULATE_FIELDS.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            value = ctx.params[name]
+            given[field] = ",".join(value) if name == "site" else value
+    return given
+
+
+def _simulate_scenario(ctx: typer.Context, name: str, verbose: bool, debug: bool) -> None:
+    try:
+        from .scenarios import load_scenario, require_applied, resolve
+
+        sc = load_scenario(name)
+        overrides = _explicit_options(ctx)
+        cfg, pending = resolve(sc, overrides)
+        require_applied(pending, f"Scenario {sc.name!r}")
+        if not cfg.out:
+            cfg = cfg.replace(out=f"runs/{sc.name}-{cfg.mode}-{cfg.strategy}-s{cfg.seed}")
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
+        console.print(f"scenario [bold]{sc.name}[/]: {sc.description}"
+                      + (f" (overridden: {', '.join(sorted(overrides))})" if overrides else ""))
     except (ValueError, TypeError, FileNotFoundError) as exc:
         _fail(exc, debug)
     try:
@@ -131,9 +203,17 @@ def _run_simulate(cfg, verbose: bool) -> None:
     from .outputs import write_outputs
 
     start = time.perf_counter()
+    n_sites = cfg.federated_sites
     with console.status(f"Loading {cfg.dataset} sites and holding out subjects…"):
-        sites = prepare_sites(cfg)
-    table = Table(title=f"{len(sites)} sites ({cfg.dataset})", show_edge=False)
+        if cfg.mode == "federated" and n_sites > 10:  # the clients load their own sites; show a few here
+            from .experiment import prepare_site
+
+            sites = [prepare_site(cfg, i) for i in range(3)]
+        else:
+            sites = prepare_sites(cfg)
+            n_sites = len(sites)
+    table = Table(title=f"{n_sites} sites ({cfg.dataset})" + (f", the first {len(sites)} shown" if len(sites) < n_sites else ""),
+                  show_edge=False)
     for col in ("site", "train subj.", "train win.", "test subj.", "test win."):
         table.add_column(col, justify="right")
     for s in sites:
@@ -148,9 +228,15 @@ def _run_simulate(cfg, verbose: bool) -> None:
 
     def on_round(rec: dict) -> None:
         t = rec["test"]
+        extra = ""
+        if rec.get("failed"):
+            extra += f"  [red]round failed: {rec['failed']}[/]"
+        eps = (rec.get("secure") or {}).get("dp", {}).get("epsilon") if isinstance(rec.get("secure"), dict) else None
+        if eps is not None:
+            extra += f"  ε {eps:.3g}"
         progress.console.print(
-            f"round {rec['round']:>3}  loss {rec['train_loss']:.4f}  held-out bal.acc {_fmt(t['balanced_accuracy'])}  "
-            f"kappa {_fmt(t['cohen_kappa'])}  AUROC {_fmt(t['auroc'])}  ({rec['seconds']:.1f} s)"
+            f"round {rec['round']:>3}  loss {_fmt(rec['train_loss'])}  held-out bal.acc {_fmt(t['balanced_accuracy'])}  "
+            f"kappa {_fmt(t['cohen_kappa'])}  AUROC {_fmt(t['auroc'])}  ({rec['seconds']:.1f} s){extra}"
         )
         progress.advance(task)
 
@@ -158,7 +244,7 @@ def _run_simulate(cfg, verbose: bool) -> None:
         if cfg.mode == "federated":
             from .federation.simulation import run_federated_simulation
 
-            result = run_federated_simulation(cfg, n_sites=len(sites), on_round=on_round, verbose=verbose)
+            result = run_federated_simulation(cfg, n_sites=n_sites, on_round=on_round, verbose=verbose)
         elif cfg.mode == "centralized":
             result = run_centralized(cfg, sites, on_round)
         else:
@@ -401,11 +487,78 @@ def _run_pretrain(cfg, verbose: bool) -> None:
     console.print(shlex.join(cmd), markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command()
+def sweep(
+    grid: str = typer.Option(..., "--grid", help="Settings to vary, space-separated key=v1,v2 items, e.g. "
+                             "'strategy=ffa,fedit,full lora_rank=1,2,4,8,16 seed=0,1,2' (any run setting)."),
+    scenario: str = typer.Option("", "--scenario", help="The base scenario (name or TOML path; default: simulate's defaults)."),
+    runs: str = typer.Option("", "--runs", help="Folder of the cells (default runs/sweep-SCENARIO); one CELL/ folder each."),
+    data_dir: str = typer.Option("", "--data-dir", help="eegmat: folder of the recordings (for every cell)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run cells in this process (default: one "
+                                    "`fedeeg simulate` subprocess per cell, which isolates Ray and memory)."),
+    stop_on_error: bool = typer.Option(False, "--stop-on-error", help="Stop at the first failed cell (default: go on)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their state; run nothing."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run a grid of runs over a scenario; finished cells (with a summary.json) are skipped, so a killed sweep resumes.
+
+    Every cell writes RUNS/CELL/ (scenario.toml with its full settings, simulate.log, and the run's outputs); then
+    `fedeeg report RUNS` tabulates them.
+    """
+    _setup_logging(verbose)
+    try:
+        from .scenarios import load_scenario
+        from .sweep import parse_grid, plan_sweep, run_sweep
+
+        sc = load_scenario(scenario) if scenario else None
+        runs_dir = runs or f"runs/sweep-{sc.name if sc else 'defaults'}"
+        cells = plan_sweep(sc, parse_grid(grid), runs_dir, {"data_dir": data_dir} if data_dir else None)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(exc, debug)
+    n_done = sum(c.done for c in cells)
+    console.print(f"sweep of {len(cells)} cells in [bold]{runs_dir}[/]: {n_done} finished before, {len(cells) - n_done} to run")
+    if dry_run:
+        for c in cells:
+            console.print(f"  {'done' if c.done else 'todo'}  {c.name}", markup=False, highlight=False)
+        return
+    report = run_sweep(cells, scenario=sc, runner="inprocess" if in_process else "subprocess",
+                       keep_going=not stop_on_error)
+    console.print(f"ran {len(report.ran)}, skipped {len(report.skipped)} (finished before), failed {len(report.failed)}"
+                  + (f": {', '.join(report.failed)} (see CELL/simulate.log)" if report.failed else ""))
+    console.print(f"tabulate with: fedeeg report {runs_dir}", markup=False, highlight=False)
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def report(
+    runs_dir: Path = typer.Argument(..., help="Folder holding runs (any depth; each run a folder with summary.json)."),
+    out: str = typer.Option("", "--out", help="Report folder (default RUNS_DIR/report)."),
+    title: str = typer.Option("", "--title", help="Heading of report.md."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Tabulate and plot the runs under RUNS_DIR: report.md (mean ± sd over seeds, number of seeds), report.json and
+    PNG plots (learning curves, accuracy vs LoRA rank, accuracy vs communicated bytes, per-site accuracy)."""
+    _setup_logging(verbose)
+    try:
+        from .report import write_report
+
+        folder = write_report(runs_dir, out or None, title=title)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        _fail(exc, debug)
+    console.print(f"report in [bold]{folder}[/]: " + ", ".join(sorted(p.name for p in folder.iterdir())))
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     app()
+
+
+
 
 
 if __name__ == "__main__":  # pragma: no cover

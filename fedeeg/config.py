@@ -18,7 +18,13 @@ from ._validation import check_option, check_range
 DATASETS = ("synthetic", "eegmat", "folder")
 SPLITS = ("year", "subject")
 MODES = ("federated", "centralized", "local")
-STRATEGIES = ("ffa", "fedit", "full")
+STRATEGIES = ("ffa", "fedit", "full", "rolora")
+#: Server-side merge rules; the robust ones need each update in the clear (not with ``secure``).
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+#: Stages at which ``fail_sites`` sites fail in simulation (``unmask`` only exists with ``secure``).
+FAIL_STAGES = ("train", "upload", "unmask")
+#: Norm bound of a secure run when ``clip`` is 0 (the fixed-point encoding needs one).
+SECURE_DEFAULT_CLIP = 100.0
 LORA_PRESETS = ("paper", "attention", "all-linear")
 DEVICES = ("auto", "cpu", "cuda")
 #: Backbone names: the keys of :data:`fedeeg.models.BACKBONE_REGISTRY` (a test keeps them equal; listed here so
@@ -30,7 +36,7 @@ LORA_BACKBONES = ("labram-small", "labram-base", "labram-large", "labram-huge")
 OPTIONAL_BACKBONES = {"cbramod": ("braindecode", "fedeeg[braindecode]")}
 
 #: Default learning rates: LoRA adapters take a larger step than full fine-tuning.
-DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4}
+DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4, "rolora": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,11 @@ class RunConfig:
     cache_dir : str
         Preprocessed-window cache ("" = ``$FEDEEG_CACHE_DIR`` or
         ``~/.cache/fedeeg``; ``"off"`` = none).
+    reference : {"", "average"}
+        Re-reference every recording ("" = keep the recorded reference).
+    reject_uv : float
+        Drop windows whose peak-to-peak amplitude exceeds this in any channel,
+        in µV (0 = keep all); counted per label in the site report.
     split : {"year", "subject"}
         How eegmat subjects are dealt to sites: by recording year (3 sites) or
         round-robin over subjects.
@@ -73,10 +84,13 @@ class RunConfig:
         Federated over Flower, one model on the pooled training data, or one
         model per site on its own data. All three train the same model for the
         same number of epochs (``rounds * local_epochs``).
-    strategy : {"ffa", "fedit", "full"}
+    strategy : {"ffa", "fedit", "full", "rolora"}
         ``ffa``: LoRA with A frozen from the shared seed, only B and the head
         train (exact under averaging). ``fedit``: LoRA A and B both train and
         are averaged separately. ``full``: full fine-tuning (the baseline).
+        ``rolora``: A and B train in alternate rounds (B and the head in odd
+        rounds, A and the head in even rounds; only those travel), each round
+        exact under averaging.
     rounds, local_epochs : int
         Federated rounds and local epochs per round.
     backbone : str
@@ -101,6 +115,66 @@ class RunConfig:
         Window length in seconds (a whole number of 1-s patches).
     device : {"auto", "cpu", "cuda"}
         Where sites train; ``auto`` takes CUDA when present.
+    aggregation : {"mean", "median", "trimmed-mean"}
+        How the server merges the sites' tensors: example-weighted mean, or the
+        robust coordinate-wise median / 20 %-trimmed mean (unweighted; not with
+        ``secure``, which only reveals sums).
+    clip : float
+        L2 norm bound of a site's update (the change of its travelling tensors
+        in a round); a longer update is scaled down at the site, and the server
+        rejects a plain update above it. 0 = no bound in plain runs; secure
+        runs then use :data:`SECURE_DEFAULT_CLIP`.
+    secure : bool
+        Secure aggregation (:mod:`fedeeg.secagg`): the server only learns the
+        sum of the sites' clipped, fixed-point updates.
+    dp_sigma : float
+        Distributed DP noise multiplier: the secure sum carries Gaussian noise
+        of std ``dp_sigma * clip`` (each site adds its share). 0 = none. Needs
+        ``secure``.
+    dp_delta : float
+        The delta of the reported (epsilon, delta)-DP.
+    secagg_threshold : float
+        Shamir threshold: a fraction in (0.5, 1) of each site's share holders
+        (itself and its neighbours), or a whole count; a round needs that many
+        surviving sites.
+    secagg_neighbours : int
+        Neighbours of each site in the masking graph (0 = all other sites up to
+        10 sites, then about 3 log2(n)).
+    secagg_weight_cap : int
+        Training windows at which a site's weight in the secure mean stops
+        growing (bounds the fixed-point sum).
+    quant_scale : float
+        Fixed-point scale of secure updates (0 = the largest that cannot
+        overflow the 32-bit ring for the run's sites).
+    fail_sites : int
+        Simulation only: the first ``fail_sites`` sites (partition ids) fail
+        every round at ``fail_at`` (testing and demos of dropouts).
+    fail_at : {"train", "upload", "unmask"}
+        Where they fail: during training, after training (the upload is lost),
+        or, with ``secure``, after uploading their masked input.
+    reply_timeout : float
+        Seconds the server waits for the sites' replies to one message; sites
+        that have not answered count as dropped (0 = wait for every site).
+    sites_per_round : int
+        Sites sampled per federated round (0 = all; :func:`fedeeg.scenarios.sample_sites`).
+    dropout : float
+        Simulation: probability that a sampled site drops out of a round.
+    parallel_clients : int
+        Simulation: clients that run at once (0 = one per CPU); bounds Ray
+        actors and memory.
+    personalise : {"none", "head", "norm", "norm+head"}
+        Tensors kept local at each site (:mod:`fedeeg.personalisation`).
+    finetune_epochs : int
+        Local fine-tune epochs of the final model at every site, reported
+        beside it (0 = none).
+    site_holdout : {"subjects", "time"}
+        Test data inside a site: held-out subjects, or the last windows of
+        every subject (sites of one subject).
+    synth_subjects, synth_windows_per_class : int
+        Synthetic sites' subjects and windows per subject and class.
+    label_alpha, montage_drop, site_sfreqs, amplitude_shift, noise_shift, size_skew
+        Synthetic heterogeneity (:class:`fedeeg.data.synthetic.SiteHeterogeneity`;
+        ``site_sfreqs`` comma-separated).
     out : str
         Output folder ("" = no files written, e.g. inside tests).
     """
@@ -113,6 +187,8 @@ class RunConfig:
     channels: str = ""
     max_interpolated: int = 0
     cache_dir: str = ""
+    reference: str = ""
+    reject_uv: float = 0.0
     split: str = "year"
     test_fraction: float = 0.34
     mode: str = "federated"
@@ -132,6 +208,32 @@ class RunConfig:
     seed: int = 0
     window_seconds: float = 4.0
     device: str = "auto"
+    aggregation: str = "mean"
+    clip: float = 0.0
+    secure: bool = False
+    dp_sigma: float = 0.0
+    dp_delta: float = 1e-5
+    secagg_threshold: float = 0.6
+    secagg_neighbours: int = 0
+    secagg_weight_cap: int = 10_000
+    quant_scale: float = 0.0
+    fail_sites: int = 0
+    fail_at: str = "train"
+    reply_timeout: float = 0.0
+    sites_per_round: int = 0
+    dropout: float = 0.0
+    parallel_clients: int = 0
+    personalise: str = "none"
+    finetune_epochs: int = 0
+    site_holdout: str = "subjects"
+    synth_subjects: int = 6
+    synth_windows_per_class: int = 20
+    label_alpha: float = 0.0
+    montage_drop: float = 0.0
+    site_sfreqs: str = ""
+    amplitude_shift: float = 0.0
+    noise_shift: float = 0.0
+    size_skew: float = 0.0
     out: str = ""
 
     def __post_init__(self) -> None:
@@ -174,6 +276,8 @@ class RunConfig:
                 f"'window_seconds' must be a whole number of 1-s patches, got {self.window_seconds!r} instead."
             )
         check_range("max_interpolated", self.max_interpolated, low=0, kind=int)
+        check_option("reference", self.reference, ("", "average"))
+        check_range("reject_uv", self.reject_uv, low=0)
         if self.dataset == "folder":
             if not self.site_list:
                 raise ValueError("dataset='folder' needs 'site_files' (--site SITE.toml, once per site): the sites' TOML files.")
@@ -194,13 +298,67 @@ class RunConfig:
                 to_vocab(names)
             except (KeyError, ValueError) as err:
                 raise ValueError(f"'channels' must hold 10-20/10-10 names of LaBraM's vocabulary: {err}") from err
+        self._check_secure()
+        from .scenarios import check_settings  # issue 7: participation, personalisation, synthetic heterogeneity
+
+        check_settings(self.to_dict())
         if self.dataset == "eegmat" and not self.data_dir:
             raise ValueError(
                 "The eegmat dataset needs 'data_dir' (--data-dir): the folder holding SubjectNN_1.edf, "
                 "SubjectNN_2.edf and subject-info.csv from PhysioNet's 'EEG During Mental Arithmetic Tasks'."
             )
 
+    def _check_secure(self) -> None:
+        """Aggregation, secure aggregation, DP and failure-injection settings."""
+        check_option("aggregation", self.aggregation, AGGREGATIONS)
+        check_option("fail_at", self.fail_at, FAIL_STAGES)
+        if not isinstance(self.secure, bool):
+            raise TypeError(f"'secure' must be bool, got {type(self.secure).__name__} ({self.secure!r}) instead.")
+        check_range("clip", self.clip, low=0)
+        check_range("dp_sigma", self.dp_sigma, low=0)
+        check_range("dp_delta", self.dp_delta, low=1e-300, high=0.5)
+        check_range("secagg_threshold", self.secagg_threshold, low=0.5)
+        if self.secagg_threshold == 0.5 or (self.secagg_threshold >= 1 and float(self.secagg_threshold) != int(self.secagg_threshold)):
+            raise ValueError(f"'secagg_threshold' must be a fraction in (0.5, 1) or a whole count >= 1, got "
+                             f"{self.secagg_threshold!r} instead.")
+        check_range("secagg_neighbours", self.secagg_neighbours, low=0, kind=int)
+        check_range("secagg_weight_cap", self.secagg_weight_cap, low=1, kind=int)
+        check_range("quant_scale", self.quant_scale, low=0)
+        check_range("fail_sites", self.fail_sites, low=0, high=self.federated_sites, kind=int)
+        check_range("reply_timeout", self.reply_timeout, low=0)
+        if (self.secure or self.aggregation != "mean") and self.mode != "federated":
+            raise ValueError(f"'secure' and 'aggregation' apply to mode='federated', got mode={self.mode!r}.")
+        if self.secure and self.aggregation != "mean":
+            raise ValueError(f"aggregation={self.aggregation!r} needs every update in the clear; with 'secure' the "
+                             f"server only learns the sum, so use aggregation='mean' (or drop --secure).")
+        if self.dp_sigma > 0 and not self.secure:
+            raise ValueError(f"dp_sigma={self.dp_sigma!r} adds distributed noise inside the secure sum; it needs "
+                             f"secure=True (--secure).")
+        if self.fail_at == "unmask" and self.fail_sites and not self.secure:
+            raise ValueError("fail_at='unmask' is a stage of secure aggregation; it needs secure=True (--secure), "
+                             "or use fail_at='train' or 'upload'.")
+        if self.secure:
+            from .secagg.encoding import ring_capacity_problem
+
+            problem = ring_capacity_problem(clip=self.norm_bound, n_sites=self.federated_sites,
+                                            weight_cap=self.secagg_weight_cap,
+                                            noise_std=self.dp_sigma * self.norm_bound, scale=self.quant_scale)
+            if problem:
+                raise ValueError(f"Secure aggregation cannot encode this run: {problem}.")
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def federated_sites(self) -> int:
+        """Sites of a federated run: 3 for the eegmat year split, else ``sites``."""
+        return 3 if self.dataset == "eegmat" and self.split == "year" else int(self.sites)
+
+    @property
+    def norm_bound(self) -> float:
+        """The L2 bound of a site's update: ``clip``, or :data:`SECURE_DEFAULT_CLIP` for a secure run with ``clip=0``; 0 = none."""
+        if self.clip > 0:
+            return float(self.clip)
+        return SECURE_DEFAULT_CLIP if self.secure else 0.0
+
     @staticmethod
     def _split(text: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in str(text).split(",") if part.strip())
@@ -296,4 +454,4 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]
+__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "AGGREGATIONS", "FAIL_STAGES", "SECURE_DEFAULT_CLIP", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]

@@ -58,6 +58,8 @@ def preprocess_spec(cfg: RunConfig):
         window_seconds=float(cfg.window_seconds),
         channels=cfg.channel_list or None,
         max_interpolated=int(cfg.max_interpolated),
+        reference=cfg.reference or None,
+        reject_peak_to_peak=float(cfg.reject_uv) or None,
     )
 
 
@@ -66,29 +68,206 @@ def run_labels(cfg: RunConfig) -> tuple[str, ...]:
     return cfg.label_names if cfg.dataset == "folder" else DATASET_LABELS[cfg.dataset]
 
 
+#: Ways to hold out test data inside a site: whole subjects (default), or the last windows of every subject in
+#: time (for sites of one subject, e.g. the eegmat one-subject-per-site scenario).
+HOLDOUTS = ("subjects", "time")
+
+
+def synthetic_settings(cfg: RunConfig) -> tuple[int, int, "SiteHeterogeneity | None"]:
+    """The synthetic sites' size and heterogeneity a run config asks for.
+
+    Read with defaults from the optional fields ``synth_subjects``,
+    ``synth_windows_per_class``, ``label_alpha``, ``montage_drop``,
+    ``site_sfreqs``, ``amplitude_shift``, ``noise_shift`` and ``size_skew``
+    (see :mod:`fedeeg.scenarios`), so a config without them gives today's
+    sites exactly.
+
+    Returns
+    -------
+    subjects_per_site : int
+    windows_per_class : int
+    heterogeneity : SiteHeterogeneity | None
+        None when every knob is off.
+    """
+    from .data.synthetic import SiteHeterogeneity
+
+    het = SiteHeterogeneity(
+        label_alpha=float(getattr(cfg, "label_alpha", 0.0)),
+        montage_drop=float(getattr(cfg, "montage_drop", 0.0)),
+        site_sfreqs=getattr(cfg, "site_sfreqs", ()) or (),
+        amplitude_shift=float(getattr(cfg, "amplitude_shift", 0.0)),
+        noise_shift=float(getattr(cfg, "noise_shift", 0.0)),
+        size_skew=float(getattr(cfg, "size_skew", 0.0)),
+    )
+    return (int(getattr(cfg, "synth_subjects", 6) or 6), int(getattr(cfg, "synth_windows_per_class", 20) or 20),
+            het if het.active else None)
+
+
+def split_in_time(windows: WindowSet, test_fraction: float) -> tuple[WindowSet, WindowSet]:
+    """Hold out the last ``test_fraction`` of every subject's windows of every class (in recording order).
+
+    For sites with a single subject, where whole subjects cannot be held out;
+    the test windows then come from the same people as the training windows
+    (a subject-dependent evaluation: say so when reporting it).
+
+    Parameters
+    ----------
+    windows : WindowSet
+        The site's windows, in recording order within each subject and class.
+    test_fraction : float
+        Fraction held out, in (0, 1); at least one window of each subject and
+        class goes to each side when it has two or more.
+
+    Returns
+    -------
+    train, test : WindowSet
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r} instead.")
+    test = np.zeros(windows.n_windows, dtype=bool)
+    for subject in windows.subjects:
+        for c in range(len(windows.label_names)):
+            idx = np.flatnonzero((windows.subject == subject) & (windows.y == c))
+            if idx.size < 2:
+                continue
+            n_test = min(max(int(round(test_fraction * idx.size)), 1), idx.size - 1)
+            test[idx[-n_test:]] = True
+    return windows.subset(~test), windows.subset(test)
+
+
+def _hold_out(windows: WindowSet, test_fraction: float, seed: int, index: int, holdout: str) -> tuple[WindowSet, WindowSet]:
+    if holdout == "time":
+        return split_in_time(windows, test_fraction)
+    return split_subjects(windows, test_fraction, seed=seed * 1009 + index)
+
+
 @functools.lru_cache(maxsize=8)
 def _prepare_sites_cached(dataset: str, data_dir: str, sites: int, split: str, test_fraction: float, seed: int, spec,
                           site_files: tuple[str, ...] = (), label_names: tuple[str, ...] = (),
-                          cache_dir: str | None = None) -> tuple[SiteSplit, ...]:
-    from .data import load_sites
+                          cache_dir: str | None = None, synthetic: tuple = (), holdout: str = "subjects") -> tuple[SiteSplit, ...]:
+    from .data import load_sites, make_synthetic_sites
 
-    loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed,
-                        site_files=site_files, label_names=label_names or None, cache_dir=cache_dir)
+    if dataset == "synthetic" and synthetic:
+        n_subjects, n_windows, het = synthetic
+        loaded = make_synthetic_sites(sites, subjects_per_site=n_subjects, windows_per_class=n_windows,
+                                      window_seconds=spec.window_seconds, sfreq=spec.sfreq, seed=seed, heterogeneity=het)
+    elif dataset == "eegmat" and holdout == "time":  # sites may hold one subject (load_sites wants two per site)
+        n = len(_eegmat_groups(data_dir, split, sites))
+        loaded = [_load_site(i, dataset, data_dir, sites, split, seed, spec, site_files, label_names, cache_dir, synthetic)
+                  for i in range(n)]
+    else:
+        loaded = load_sites(dataset, data_dir=data_dir or None, n_sites=sites, split=split, spec=spec, seed=seed,
+                            site_files=site_files, label_names=label_names or None, cache_dir=cache_dir)
     out = []
     for i, site in enumerate(loaded):
-        train, test = split_subjects(site.windows, test_fraction, seed=seed * 1009 + i)
+        train, test = _hold_out(site.windows, test_fraction, seed, i, holdout)
         out.append(SiteSplit(site.name, train, test, dict(site.info)))
     return tuple(out)
+
+
+def _synthetic_key(cfg: RunConfig) -> tuple:
+    """() for today's synthetic sites (the memo key stays the same), else the settings."""
+    settings = synthetic_settings(cfg)
+    return () if settings == (6, 20, None) else settings
+
+
+def _holdout(cfg: RunConfig) -> str:
+    from ._validation import check_option
+
+    return check_option("site_holdout", str(getattr(cfg, "site_holdout", "subjects") or "subjects"), HOLDOUTS)
 
 
 def prepare_sites(cfg: RunConfig) -> list[SiteSplit]:
     """Load the run's sites and hold out subjects inside every site.
 
     Memoised in-process: a simulated client asks for its site on every message.
+    Loads every site: for centralized and local-only runs; a simulated client
+    loads only its own with :func:`prepare_site`.
     """
     cache = cfg.cache_path if cfg.dataset != "synthetic" else None
     return list(_prepare_sites_cached(cfg.dataset, cfg.data_dir, cfg.sites, cfg.split, cfg.test_fraction, cfg.seed,
-                                      preprocess_spec(cfg), cfg.site_list, run_labels(cfg), cache))
+                                      preprocess_spec(cfg), cfg.site_list, run_labels(cfg), cache,
+                                      _synthetic_key(cfg), _holdout(cfg)))
+
+
+def _eegmat_groups(data_dir: str, split: str, n_sites: int) -> list[tuple[str, list[str]]]:
+    """eegmat's sites as (name, subjects), as :func:`fedeeg.data.load_eegmat_sites` deals them (no EEG read)."""
+    from .data.eegmat import _available_subjects, _data_dir, read_subject_info
+
+    path = _data_dir(data_dir)
+    info = read_subject_info(path)
+    present = _available_subjects(path, info, None)
+    if split == "year":
+        years = sorted({info[s]["recording_year"] for s in present})
+        return [(f"year-{y}", [s for s in present if info[s]["recording_year"] == y]) for y in years]
+    if len(present) < n_sites:
+        raise ValueError(f"split='subject' with sites={n_sites} needs at least {n_sites} eegmat subjects, but only "
+                         f"{len(present)} are available in {data_dir}. Use fewer sites.")
+    return [(f"site-{k}", present[k::n_sites]) for k in range(n_sites)]
+
+
+def _load_site(index: int, dataset: str, data_dir: str, sites: int, split: str, seed: int, spec,
+               site_files: tuple[str, ...], label_names: tuple[str, ...], cache_dir: str | None, synthetic: tuple):
+    """One site's windows (a :class:`fedeeg.data.Site`), without loading the others."""
+    from .data.base import Site
+
+    if dataset == "synthetic":
+        from .data.synthetic import make_synthetic_site
+
+        n_subjects, n_windows, het = synthetic or (6, 20, None)
+        site = make_synthetic_site(index, subjects_per_site=n_subjects, windows_per_class=n_windows,
+                                   window_seconds=spec.window_seconds, sfreq=spec.sfreq, seed=seed, heterogeneity=het)
+    elif dataset == "folder":
+        from .data import load_site_config, load_site_windows_cached
+
+        path = site_files[index]
+        site_cfg = load_site_config(path)
+        windows = load_site_windows_cached(site_cfg, spec, tuple(label_names), cache_dir=cache_dir)
+        site = Site(site_cfg.name, windows, {"site_file": str(path), "format": site_cfg.data.format})
+    else:
+        from .data import load_eegmat_subject
+
+        name, members = _eegmat_groups(data_dir, split, sites)[index]
+        windows = WindowSet.concatenate([load_eegmat_subject(data_dir, s, spec, cache_dir=cache_dir) for s in members])
+        site = Site(name, windows, {"n_subjects": len(members), "n_windows": windows.n_windows})
+    return site
+
+
+@functools.lru_cache(maxsize=2)
+def _prepare_site_cached(index: int, dataset: str, data_dir: str, sites: int, split: str, test_fraction: float,
+                         seed: int, spec, site_files: tuple[str, ...], label_names: tuple[str, ...],
+                         cache_dir: str | None, synthetic: tuple, holdout: str) -> SiteSplit:
+    site = _load_site(index, dataset, data_dir, sites, split, seed, spec, site_files, label_names, cache_dir, synthetic)
+    train, test = _hold_out(site.windows, test_fraction, seed, index, holdout)
+    return SiteSplit(site.name, train, test, dict(site.info))
+
+
+def prepare_site(cfg: RunConfig, index: int) -> SiteSplit:
+    """Load ONE site of the run (by index) and hold out its test data, without building the others.
+
+    What a simulated client needs: its memory does not grow with the number of
+    sites. The same site as ``prepare_sites(cfg)[index]`` (same windows, same
+    split). Memoised for the last two sites asked for (a client trains, then
+    evaluates, the same site), so a process never holds more than two.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run.
+    index : int
+        The site, in ``[0, number of sites)`` (the partition id).
+
+    Returns
+    -------
+    site : SiteSplit
+    """
+    n = cfg.federated_sites
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise ValueError(f"Site index must be an int in [0, {n}) for this run ({n} sites), got {index!r}.")
+    cache = cfg.cache_path if cfg.dataset != "synthetic" else None
+    return _prepare_site_cached(int(index), cfg.dataset, cfg.data_dir, n, cfg.split, cfg.test_fraction, cfg.seed,
+                                preprocess_spec(cfg), cfg.site_list, run_labels(cfg), cache, _synthetic_key(cfg),
+                                _holdout(cfg))
 
 
 def lora_spec(cfg: RunConfig):
@@ -274,4 +453,4 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                      extra={"per_site_mean": mean})
 
 
-__all__ = ["run_labels", "DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]
+__all__ = ["run_labels", "DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "prepare_site", "split_in_time", "synthetic_settings", "HOLDOUTS", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]

@@ -1,9 +1,13 @@
 """FedEEG ServerApp: drives federated rounds on Flower's Message API.
 
 Each round: send the global trainable tensors to every site, check each reply
-(names, shapes, dtypes, finite values) before merging, merge by the
-example-weighted mean (see :mod:`fedeeg.aggregation`), then ask every site to
-evaluate the new global model on its held-out subjects.
+(names, shapes, dtypes, finite values, the norm bound ``clip``) before merging,
+merge by the example-weighted mean or a robust rule (see
+:mod:`fedeeg.aggregation`), then ask every site to evaluate the new global
+model on its held-out subjects. With ``secure``, training goes through the four
+secure-aggregation stages instead (:mod:`fedeeg.federation.secure`): the server
+only learns the sum; a round with too few survivors fails cleanly (logged, the
+global model kept) and the next round proceeds.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..aggregation import UpdateRejected, check_update, weighted_average
+from ..aggregation import UpdateRejected, aggregate, check_norm, check_update, travelling_names
 from ..config import RunConfig
 from ..experiment import RunResult, build_model, round_record, run_labels
 from ..metrics import pool_metrics
@@ -36,9 +40,20 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _broadcast(grid: Grid, nodes: list[int], content: RecordDict, message_type: str, rnd: int) -> list[Message]:
+def _partition_ids(send: Callable[..., list[Message]], grid: Grid, nodes: list[int]) -> dict[int, int]:
+    """Ask every node for its partition id (a QUERY message; the sites load no data to answer)."""
+    out = {}
+    for reply in send(grid, nodes, RecordDict({}), MessageType.QUERY, 0):
+        if reply.has_error():
+            raise RuntimeError(f"Site {reply.metadata.src_node_id} did not give its partition id: {reply.error.reason}")
+        out[reply.metadata.src_node_id] = int(reply.content.config_records[R.SITE]["partition-id"])
+    return out
+
+
+def _broadcast(grid: Grid, nodes: list[int], content: RecordDict, message_type: str, rnd: int,
+               timeout: float = 0.0) -> list[Message]:
     messages = [Message(content, dst_node_id=nid, message_type=message_type, group_id=str(rnd)) for nid in nodes]
-    return list(grid.send_and_receive(messages))
+    return list(grid.send_and_receive(messages, timeout=timeout or None))
 
 
 def run_federation(
@@ -48,6 +63,9 @@ def run_federation(
     n_sites: int,
     on_round: Callable[[dict], None] | None = None,
     node_timeout: float = 120.0,
+    broadcast: Callable[..., list[Message]] | None = None,
+    resume: tuple[int, dict, list[dict]] | None = None,
+    on_checkpoint: Callable[[int, dict, dict], None] | None = None,
 ) -> RunResult:
     """Run ``cfg.rounds`` federated rounds over the sites connected to ``grid``.
 
@@ -63,6 +81,16 @@ def run_federation(
         Called with each round's record (progress display).
     node_timeout : float
         Seconds to wait for the sites to connect.
+    broadcast : callable | None
+        Sends a round's messages and returns the replies, called as
+        ``broadcast(grid, nodes, content, message_type, rnd)``; None: ask
+        ``nodes`` and wait for all (deployment: quorum and deadline, see
+        :mod:`fedeeg.federation.deployment`).
+    resume : (int, dict, list) | None
+        Continue after a checkpoint: the last round done, the global arrays
+        then and the rounds' records so far.
+    on_checkpoint : callable | None
+        Called after each round as ``on_checkpoint(rnd, global_arrays, rec)``.
 
     Returns
     -------
@@ -73,7 +101,13 @@ def run_federation(
     model = build_model(cfg, n_outputs=len(label_names))
     from ..models import load_trainable_state_dict, trainable_state_dict
 
+    from ..personalisation import enable_local_training, local_parameter_names
+
+    enable_local_training(model, cfg.personalise)
+    local_names = set(local_parameter_names(model, cfg.personalise))
     global_arrays = {k: v.numpy() for k, v in trainable_state_dict(model).items()}
+    initial_local = {k: v for k, v in global_arrays.items() if k in local_names}  # stay at the sites
+    global_arrays = {k: v for k, v in global_arrays.items() if k not in local_names}
     nodes = _wait_for_nodes(grid, n_sites, node_timeout)
     logger.info("%d sites connected; %d rounds of %s", len(nodes), cfg.rounds, cfg.strategy)
     site_names: dict[int, str] = {}
@@ -82,48 +116,64 @@ def run_federation(
     bytes_up: list[float] = []
     bytes_down: list[float] = []
     per_site: dict[str, dict] = {}
-    for rnd in range(1, cfg.rounds + 1):
+    start = 1
+    if resume is not None:  # deployment: continue after the last checkpointed round
+        start, global_arrays, history = resume[0] + 1, dict(resume[1]), list(resume[2])
+    if broadcast is None:
+        def send(grid_, nodes_, content_, message_type_, rnd_):
+            return _broadcast(grid_, nodes_, content_, message_type_, rnd_, timeout=cfg.reply_timeout)
+    else:
+        send = broadcast
+    by_pid = None
+    if cfg.sites_per_round or cfg.dropout > 0:  # partial participation: sample partition ids, map them to nodes
+        by_pid = {pid: nid for nid, pid in _partition_ids(send, grid, nodes).items()}
+    accountant = None
+    if cfg.secure:
+        from ..secagg import RdpAccountant
+
+        accountant = RdpAccountant(cfg.dp_delta) if cfg.dp_sigma > 0 else None
+        for rec in history:  # resumed: the rounds already released count
+            if accountant is not None and rec.get("secure", {}).get("dp"):
+                accountant.step(rec["secure"]["dp"]["noise_multiplier"])
+        logger.info("Secure aggregation: clip %g, DP noise multiplier %g, threshold %s, neighbours %s",
+                    cfg.norm_bound, cfg.dp_sigma, cfg.secagg_threshold, cfg.secagg_neighbours or "auto")
+    for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
-        down = R.state_to_record(R.numpy_to_state(global_arrays))
-        content = RecordDict({R.ARRAYS: down, R.CONFIG: ConfigRecord({"server-round": rnd})})
-        replies = _broadcast(grid, nodes, content, MessageType.TRAIN, rnd)
-        updates, losses, rejected, up_sizes = [], [], [], []
-        for reply in replies:
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                rejected.append({"site": site_names.get(nid, str(nid)), "reason": reply.error.reason})
-                logger.warning("Round %d: site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
-                continue
-            name = str(reply.content.config_records[R.SITE]["name"])
-            site_names[nid] = name
-            site_info[name] = {
-                "ch_names": list(reply.content.config_records[R.SITE]["ch-names"]),
-                "sfreq": float(reply.content.config_records[R.SITE]["sfreq"]),
-            }
-            arrays = reply.content.array_records[R.ARRAYS]
-            try:
-                update = R.record_to_numpy(arrays)
-                check_update(update, global_arrays, site=name)
-            except (UpdateRejected, ValueError, KeyError) as exc:
-                rejected.append({"site": name, "reason": str(exc)})
-                logger.warning("Round %d: %s", rnd, exc)
-                continue
-            m = reply.content.metric_records[R.METRICS]
-            site_info[name]["train_windows"] = int(m["num-examples"])
-            updates.append((update, float(m["num-examples"])))
-            losses.append((float(m["train-loss"]), int(m["num-examples"])))
-            up_sizes.append(arrays.count_bytes())
-        if updates:
-            global_arrays = weighted_average(updates)
+        extra: dict = {}
+        round_nodes = eval_nodes = nodes
+        if by_pid is not None:
+            from ..scenarios import round_participants
+
+            sampled, dropped = round_participants(rnd, cfg)
+            round_nodes = [by_pid[i] for i in sampled if i not in set(dropped)]
+            eval_nodes = nodes if rnd == cfg.rounds else (round_nodes or [by_pid[i] for i in sampled])
+            extra.update(sampled=len(sampled), dropped=len(dropped), evaluated=len(eval_nodes))
+        if cfg.secure:
+            from .secure import secure_round
+
+            outcome = secure_round(grid, round_nodes, cfg, global_arrays, rnd, accountant=accountant)
+            for name, info in outcome.site_info.items():
+                site_info.setdefault(name, {}).update(info)
+            site_names.update(outcome.node_names)
+            if outcome.arrays is not None:
+                global_arrays = outcome.arrays
+            losses, rejected = outcome.losses, outcome.rejected
+            up_sizes = list(outcome.bytes_up.values())
+            down_size = outcome.bytes_down
+            n_answered = outcome.info.get("survivors", 0) if outcome.arrays is not None else 0
+            extra["secure"] = outcome.info
+            if outcome.failed:
+                extra["failed"] = outcome.failed
         else:
-            logger.error("Round %d: no valid update from any site; the global model is unchanged.", rnd)
-        bytes_down.append(float(down.count_bytes()))
+            global_arrays, losses, rejected, up_sizes, down_size, n_answered = _plain_round(
+                send, grid, round_nodes, cfg, global_arrays, rnd, site_names, site_info)
+        bytes_down.append(float(down_size))
         bytes_up.extend(float(s) for s in up_sizes)
 
         content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
                               R.CONFIG: ConfigRecord({"server-round": rnd})})
         per_site = {}
-        for reply in _broadcast(grid, nodes, content, MessageType.EVALUATE, rnd):
+        for reply in send(grid, eval_nodes, content, MessageType.EVALUATE, rnd):
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
@@ -136,13 +186,15 @@ def run_federation(
         if not per_site:
             raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
         rec = round_record(rnd, per_site, losses, time.perf_counter() - t0,
-                            sites_answered=len(updates), rejected=rejected,
+                            sites_answered=n_answered, rejected=rejected,
                             bytes_up_per_site=int(np.mean(up_sizes)) if up_sizes else 0,
-                            bytes_down_per_site=int(down.count_bytes()))
+                            bytes_down_per_site=int(down_size), **extra)
         history.append(rec)
         if on_round:
             on_round(rec)
-    load_trainable_state_dict(model, R.numpy_to_state(global_arrays))
+        if on_checkpoint:
+            on_checkpoint(rnd, global_arrays, rec)
+    load_trainable_state_dict(model, R.numpy_to_state({**global_arrays, **initial_local}))
     first = next(iter(site_info.values()), {"ch_names": [], "sfreq": 200.0})
     return RunResult(
         history=history,
@@ -157,7 +209,69 @@ def run_federation(
         channels=tuple(first["ch_names"]),
         sfreq=first["sfreq"],
         label_names=label_names,
+        extra=_secure_summary(cfg, history, accountant) if cfg.secure else {},
     )
+
+
+def _secure_summary(cfg: RunConfig, history: list[dict], accountant) -> dict:
+    """The secure run's facts for summary.json."""
+    done = [h for h in history if not h.get("failed")]
+    out = {
+        "rounds_completed": len(done),
+        "rounds_failed": [h["round"] for h in history if h.get("failed")],
+        "clip": cfg.norm_bound,
+        "max_decode_error_bound": max((h["secure"]["decode_error_bound"] for h in done if "secure" in h), default=None),
+        "dp_sigma": cfg.dp_sigma,
+    }
+    if accountant is not None:
+        out.update(epsilon=accountant.epsilon, delta=accountant.delta)
+    return {"secure_aggregation": out}
+
+
+def _plain_round(send: Callable[..., list[Message]], grid: Grid, nodes: list[int], cfg: RunConfig,
+                 global_arrays: dict, rnd: int, site_names: dict, site_info: dict):
+    """One training round with updates in the clear: check each, merge with ``cfg.aggregation``.
+
+    Under ``rolora`` only this round's half of the adapter (and the head) is
+    expected back and merged; the other half keeps its global value.
+    """
+    travel = travelling_names(global_arrays, cfg.strategy, rnd)
+    reference = {k: global_arrays[k] for k in travel}
+    down = R.state_to_record(R.numpy_to_state(global_arrays))
+    content = RecordDict({R.ARRAYS: down, R.CONFIG: ConfigRecord({"server-round": rnd})})
+    replies = send(grid, nodes, content, MessageType.TRAIN, rnd)
+    updates, losses, rejected, up_sizes = [], [], [], []
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            rejected.append({"site": site_names.get(nid, str(nid)), "reason": reply.error.reason})
+            logger.warning("Round %d: site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
+            continue
+        name = str(reply.content.config_records[R.SITE]["name"])
+        site_names[nid] = name
+        site_info[name] = {
+            "ch_names": list(reply.content.config_records[R.SITE]["ch-names"]),
+            "sfreq": float(reply.content.config_records[R.SITE]["sfreq"]),
+        }
+        arrays = reply.content.array_records[R.ARRAYS]
+        try:
+            update = R.record_to_numpy(arrays)
+            check_update(update, reference, site=name)
+            check_norm(update, reference, cfg.norm_bound, site=name)
+        except (UpdateRejected, ValueError, KeyError) as exc:
+            rejected.append({"site": name, "reason": str(exc)})
+            logger.warning("Round %d: %s", rnd, exc)
+            continue
+        m = reply.content.metric_records[R.METRICS]
+        site_info[name]["train_windows"] = int(m["num-examples"])
+        updates.append((update, float(m["num-examples"])))
+        losses.append((float(m["train-loss"]), int(m["num-examples"])))
+        up_sizes.append(arrays.count_bytes())
+    if updates:
+        global_arrays = {**global_arrays, **aggregate(updates, cfg.aggregation)}
+    else:
+        logger.error("Round %d: no valid update from any site; the global model is unchanged.", rnd)
+    return global_arrays, losses, rejected, up_sizes, down.count_bytes(), len(updates)
 
 
 def make_server_app(

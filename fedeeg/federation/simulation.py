@@ -75,6 +75,8 @@ def run_federated_simulation(
     server_app = make_server_app(cfg, n_sites=n_sites, results=results, on_round=on_round)
     client_app = make_client_app(cfg)
     n_cpus = os.cpu_count() or 1
+    if cfg.parallel_clients:  # at most this many ClientApp actors at once (each holds one model and <= 2 sites)
+        cpus_per_site = n_cpus / cfg.parallel_clients
     use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
     backend_config = {
         "client_resources": {
@@ -85,6 +87,7 @@ def run_federated_simulation(
             "num_cpus": n_cpus,
             "num_gpus": torch.cuda.device_count() if use_gpu else 0,
             "include_dashboard": False,
+            "object_store_memory": 512 * 2**20,  # messages are small; Ray's default reserves 30 % of RAM
             "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.ERROR,
         },
@@ -93,4 +96,9 @@ def run_federated_simulation(
                    backend_config=backend_config, verbose_logging=verbose)
     if not results:
         raise RuntimeError("The federated simulation ended without a result; run with --verbose to see Flower's log.")
-    return results[0]
+    result = results[0]
+    if cfg.finetune_epochs:  # personalisation: each site fine-tunes the final model; reported beside it
+        from ..personalisation import finetune_sites
+
+        result.extra["personalised"] = finetune_sites(cfg, result.models["global"], epochs=cfg.finetune_epochs)
+    return result
