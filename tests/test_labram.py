@@ -34,48 +34,88 @@ def small():
 # --------------------------------------------------------------------------- layout
 
 
-def _official_base_shapes() -> dict[str, list[int]]:
-    """The key table of the notes (labram-base, after stripping ``student.``)."""
+def _official_shapes(dim: int = 200, depth: int = 12, heads: int = 10, out_chans: int = 8) -> dict[str, list[int]]:
+    """The key table of the notes (after stripping ``student.``); the defaults are labram-base's."""
+    hd, c = dim // heads, out_chans
     shapes = {
-        "cls_token": [1, 1, 200],
-        "pos_embed": [1, 129, 200],
-        "time_embed": [1, 16, 200],
-        "patch_embed.conv1.weight": [8, 1, 1, 15],
-        "patch_embed.conv1.bias": [8],
-        "patch_embed.conv2.weight": [8, 8, 1, 3],
-        "patch_embed.conv2.bias": [8],
-        "patch_embed.conv3.weight": [8, 8, 1, 3],
-        "patch_embed.conv3.bias": [8],
-        "norm.weight": [200],
-        "norm.bias": [200],
+        "cls_token": [1, 1, dim],
+        "pos_embed": [1, 129, dim],
+        "time_embed": [1, 16, dim],
+        "patch_embed.conv1.weight": [c, 1, 1, 15],
+        "patch_embed.conv1.bias": [c],
+        "patch_embed.conv2.weight": [c, c, 1, 3],
+        "patch_embed.conv2.bias": [c],
+        "patch_embed.conv3.weight": [c, c, 1, 3],
+        "patch_embed.conv3.bias": [c],
+        "norm.weight": [dim],
+        "norm.bias": [dim],
     }
     for i in (1, 2, 3):
-        shapes[f"patch_embed.norm{i}.weight"] = [8]
-        shapes[f"patch_embed.norm{i}.bias"] = [8]
-    for n in range(12):
+        shapes[f"patch_embed.norm{i}.weight"] = [c]
+        shapes[f"patch_embed.norm{i}.bias"] = [c]
+    for n in range(depth):
         b = f"blocks.{n}."
         shapes.update(
             {
-                b + "gamma_1": [200],
-                b + "gamma_2": [200],
-                b + "norm1.weight": [200],
-                b + "norm1.bias": [200],
-                b + "attn.qkv.weight": [600, 200],
-                b + "attn.q_norm.weight": [20],
-                b + "attn.q_norm.bias": [20],
-                b + "attn.k_norm.weight": [20],
-                b + "attn.k_norm.bias": [20],
-                b + "attn.proj.weight": [200, 200],
-                b + "attn.proj.bias": [200],
-                b + "norm2.weight": [200],
-                b + "norm2.bias": [200],
-                b + "mlp.fc1.weight": [800, 200],
-                b + "mlp.fc1.bias": [800],
-                b + "mlp.fc2.weight": [200, 800],
-                b + "mlp.fc2.bias": [200],
+                b + "gamma_1": [dim],
+                b + "gamma_2": [dim],
+                b + "norm1.weight": [dim],
+                b + "norm1.bias": [dim],
+                b + "attn.qkv.weight": [3 * dim, dim],
+                b + "attn.q_norm.weight": [hd],
+                b + "attn.q_norm.bias": [hd],
+                b + "attn.k_norm.weight": [hd],
+                b + "attn.k_norm.bias": [hd],
+                b + "attn.proj.weight": [dim, dim],
+                b + "attn.proj.bias": [dim],
+                b + "norm2.weight": [dim],
+                b + "norm2.bias": [dim],
+                b + "mlp.fc1.weight": [4 * dim, dim],
+                b + "mlp.fc1.bias": [4 * dim],
+                b + "mlp.fc2.weight": [dim, 4 * dim],
+                b + "mlp.fc2.bias": [dim],
             }
         )
     return shapes
+
+
+_official_base_shapes = _official_shapes
+
+#: Published sizes (LaBraM paper, Table 1): embed dim, depth, heads, temporal-conv maps.
+OFFICIAL_SIZES = {
+    "labram-base": (200, 12, 10, 8),
+    "labram-large": (400, 24, 16, 16),
+    "labram-huge": (800, 48, 16, 32),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+@pytest.mark.parametrize("name", list(OFFICIAL_SIZES))
+def test_official_layout_loads_strictly_into_every_size(tmp_path, monkeypatch, name):
+    # Prepare: an official-layout file for this size, made from the key table (zero-stride tensors: no memory),
+    # and the model on the meta device (large/huge would take GBs to materialise)
+    import fedeeg.models.labram as labram_mod
+    from fedeeg.models.labram import LaBraM
+
+    shapes = _official_shapes(*OFFICIAL_SIZES[name])
+    official = {f"student.{k}": torch.zeros(()).expand(v) for k, v in shapes.items()}
+    official["student.mask_token"] = torch.zeros(()).expand(1, 1, shapes["cls_token"][-1])
+    official["student.lm_head.weight"] = torch.zeros(()).expand(8192, 64)
+    path = tmp_path / f"{name}.pth"
+    path.write_bytes(b"stand-in: _read_file is patched to return the official layout")
+    files = {"ok": {"model": official}}
+    monkeypatch.setattr(labram_mod, "_read_file", lambda p: files["ok"])
+    with torch.device("meta"):
+        model = LaBraM(BACKBONES[name])
+    # Execute / Assert: strict load passes
+    assert load_checkpoint(model, path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    # ... and a missing key and a wrong shape are named
+    broken = dict(official)
+    del broken["student.blocks.3.mlp.fc1.bias"]
+    broken["student.blocks.0.attn.qkv.weight"] = torch.zeros(()).expand(3, 3)
+    files["ok"] = {"model": broken}
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.mlp\.fc1\.bias.*blocks\.0\.attn\.qkv\.weight \(checkpoint \[3, 3\]"):
+        load_checkpoint(model, path)
 
 
 def test_base_keys_and_shapes_match_official_table(base):
