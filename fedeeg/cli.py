@@ -558,7 +558,10 @@ def main() -> None:
     app()
 
 
+# Deployment commands (issue 6): fedeeg server|client|certs|site|audit.
+from .deploy.cli import register as _register_deploy_commands  # noqa: E402
 
+_register_deploy_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover
