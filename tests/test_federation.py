@@ -187,8 +187,8 @@ class _InProcessGrid:
     training reply is tampered with (NaN in every tensor) on its way back.
     """
 
-    def __init__(self, cfg: RunConfig, n_nodes: int, corrupt: int | None = None):
-        self.cfg, self.nodes, self.corrupt = cfg, list(range(1, n_nodes + 1)), corrupt
+    def __init__(self, cfg: RunConfig, n_nodes: int, corrupt: int | None = None, strip_site: int | None = None):
+        self.cfg, self.nodes, self.corrupt, self.strip_site = cfg, list(range(1, n_nodes + 1)), corrupt, strip_site
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -208,6 +208,9 @@ class _InProcessGrid:
                 bad = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
                 content = RecordDict({"arrays": ArrayRecord(bad), "metrics": reply.content.metric_records["metrics"],
                                       "site": reply.content.config_records["site"]})
+                reply = Message(content, reply_to=msg)
+            if nid == self.strip_site and not reply.has_error():  # a reply without its 'site' record
+                content = RecordDict({k: v for k, v in reply.content.items() if k != "site"})
                 reply = Message(content, reply_to=msg)
             replies.append(reply)
         return replies
@@ -233,3 +236,20 @@ def test_server_rejects_tampered_update_and_round_continues(caplog):
 
     assert all(torch.isfinite(v).all() for v in trainable_state_dict(result.models["global"]).values())
     assert set(result.per_site) == {"site-0", "site-1"}
+
+
+def test_reply_without_site_record_is_rejected_and_the_run_goes_on(caplog):
+    # Prepare: two sites; site 2's replies arrive without their 'site' record
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 1})
+    grid = _InProcessGrid(cfg, n_nodes=2, strip_site=2)
+    # Execute
+    with caplog.at_level("WARNING", logger="fedeeg"):
+        result = run_federation(grid, cfg, n_sites=2)
+    # Assert: the malformed reply is named and ignored; the round completes with the other site
+    rec = result.history[0]
+    assert rec["sites_answered"] == 1
+    assert "malformed reply" in rec["rejected"][0]["reason"]
+    assert set(rec["per_site"]) == {"site-0"}
+    assert "malformed" in caplog.text

@@ -178,8 +178,13 @@ def run_federation(
             if reply.has_error():
                 logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
                 continue
-            name = str(reply.content.config_records[R.SITE]["name"])
-            per_site[name] = R.metric_record_to_eval(reply.content.metric_records[R.METRICS])
+            try:
+                name = str(reply.content.config_records[R.SITE]["name"])
+                per_site[name] = R.metric_record_to_eval(reply.content.metric_records[R.METRICS])
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("Round %d: malformed evaluation reply from site %s ignored (missing or bad %s).",
+                               rnd, site_names.get(nid, nid), exc)
+                continue
             if name in site_info:
                 site_info[name]["test_windows"] = per_site[name]["n_windows"]
         per_site = dict(sorted(per_site.items()))
@@ -247,12 +252,17 @@ def _plain_round(send: Callable[..., list[Message]], grid: Grid, nodes: list[int
             rejected.append({"site": site_names.get(nid, str(nid)), "reason": reply.error.reason})
             logger.warning("Round %d: site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
             continue
-        name = str(reply.content.config_records[R.SITE]["name"])
+        try:
+            site_rec = reply.content.config_records[R.SITE]
+            name = str(site_rec["name"])
+            info = {"ch_names": list(site_rec["ch-names"]), "sfreq": float(site_rec["sfreq"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            who = site_names.get(nid, str(nid))
+            rejected.append({"site": who, "reason": f"malformed reply: missing or bad {exc}"})
+            logger.warning("Round %d: site %s sent a malformed reply (missing or bad %s); ignored.", rnd, who, exc)
+            continue
         site_names[nid] = name
-        site_info[name] = {
-            "ch_names": list(reply.content.config_records[R.SITE]["ch-names"]),
-            "sfreq": float(reply.content.config_records[R.SITE]["sfreq"]),
-        }
+        site_info[name] = info
         arrays = reply.content.array_records[R.ARRAYS]
         try:
             update = R.record_to_numpy(arrays)
