@@ -92,7 +92,7 @@ out = "{out}"
 sites = 3
 min_sites = {min_sites}
 round_deadline = {deadline}
-connect_timeout = 120
+connect_timeout = 300
 [server]
 host = "127.0.0.1"
 port = {self.port}
@@ -159,7 +159,7 @@ device = "cpu"
 @pytest.fixture(scope="module")
 def uninterrupted(deployment):
     """A 2-round run with the three sites, start to end."""
-    code, out = deployment.serve(deployment.federation("run-full"))
+    code, out = deployment.serve(deployment.federation("run-full", min_sites=3, deadline=120.0), timeout=300.0)
     assert code == 0, out[-3000:]
     return deployment.root / "run-full"
 
@@ -214,25 +214,28 @@ def test_site_traffic_holds_only_adapter_and_aggregates(deployment, uninterrupte
 
 def test_server_killed_after_round_one_resumes_identically(deployment, uninterrupted):
     # Prepare
-    config = deployment.federation("run-resume")
+    # every site in every round (min_sites = 3, retried if one is briefly unreachable after the restart), as in
+    # the uninterrupted run, so that the two adapters can be compared bit for bit
+    config = deployment.federation("run-resume", min_sites=3, deadline=120.0)
     out = deployment.root / "run-resume"
     proc = deployment.spawn("server-1", "server", "start", "--config", str(config))
 
     # Execute: kill the server (and its SuperLink) as soon as round 1 is checkpointed, then start it again
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "round-0001" / "manifest.json").exists():
         assert proc.poll() is None, deployment.log("server-1")[-3000:]
         assert time.monotonic() < deadline, "round 1 never finished"
         time.sleep(0.2)
     deployment.kill("server-1")
-    code, log = deployment.serve(config, name="server-2")
+    code, log = deployment.serve(config, name="server-2", timeout=300.0)
 
     # Assert: resumed at round 2 and finished with the adapter of the uninterrupted run, bit for bit
     assert code == 0, log[-3000:]
     assert "Resuming after round 1 of 2" in log
     starts = [e["data"] for e in _audit(out) if e["event"] == "run-start"]
     assert [s["resumed_after"] for s in starts] == [0, 1]
-    assert [e["data"]["round"] for e in _audit(out) if e["event"] == "round-train"] == [1, 2]
+    # (a round asked again after a transient failure logs one round-train entry per attempt)
+    assert sorted({e["data"]["round"] for e in _audit(out) if e["event"] == "round-train"}) == [1, 2]
     assert deployment.cli("audit", "verify", str(out)).returncode == 0
     want, got = _adapter(uninterrupted), _adapter(out)
     assert sorted(want) == sorted(got)
@@ -247,14 +250,14 @@ def test_killed_site_round_closes_at_deadline(deployment):
     proc = deployment.spawn("server-f", "server", "start", "--config", str(config))
 
     # Execute: kill site-2's daemon (and its SuperNode) while round 1 is under way
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # the daemons reconnect with backoff after the previous server went away
     while "3 sites connected;" not in deployment.log("server-f"):
         assert proc.poll() is None, deployment.log("server-f")[-3000:]
         assert time.monotonic() < deadline, "the sites never connected"
         time.sleep(0.2)
     deployment.kill("site-2")
     try:
-        proc.wait(150)
+        proc.wait(300)
     except subprocess.TimeoutExpired:
         pytest.fail("the run hung after a site died:\n" + deployment.log("server-f")[-3000:])
 
