@@ -330,10 +330,11 @@ def test_app_mismatch_refuses_other_apps_and_versions():
 
 # ---------------------------------------------------------------- rounds that always end
 class _Reply:
-    def __init__(self, src, reply_to, error=None, code=1):
+    def __init__(self, src, reply_to, error=None, code=1, site=True):
         self.metadata = SimpleNamespace(src_node_id=src, reply_to_message_id=reply_to)
         self.error = SimpleNamespace(reason=error, code=code) if error else None
-        self.content = SimpleNamespace(array_records={})
+        self.content = SimpleNamespace(array_records={}, config_records={"site": {"name": f"n{src}"}} if site else {},
+                                       metric_records={})
 
     def has_error(self):
         return self.error is not None
@@ -342,8 +343,9 @@ class _Reply:
 class _FakeGrid:
     """Nodes answer after ``delays[node]`` polls (None: never); ``errors`` answer with an error."""
 
-    def __init__(self, delays, errors=(), unavailable_once=()):
+    def __init__(self, delays, errors=(), unavailable_once=(), siteless=()):
         self.delays, self.errors, self.pushed, self.polls = delays, set(errors), [], 0
+        self.siteless = set(siteless)
         self.unavailable_once = set(unavailable_once)
         self._pending = {}
 
@@ -370,7 +372,7 @@ class _FakeGrid:
                     self.unavailable_once.discard(node)
                     out.append(_Reply(node, mid, "Node Unavailable", code=5))
                 else:
-                    out.append(_Reply(node, mid, "boom" if node in self.errors else None))
+                    out.append(_Reply(node, mid, "boom" if node in self.errors else None, site=node not in self.siteless))
                 del self._pending[mid]
         return out
 
@@ -429,6 +431,49 @@ def test_quorum_closes_early(tmp_path, _task_identity, monkeypatch):
     monkeypatch.setattr(dep.time, "monotonic", lambda: clock["t"])
     replies = closer(_FakeGrid({1: 1, 2: 1, 3: 4}), [1, 2, 3], RecordDict(), MessageType.TRAIN, 1)
     assert len(replies) == 2 and clock["t"] < 5.0
+
+
+def test_reply_without_site_record_does_not_count_towards_min_sites(tmp_path, _task_identity, monkeypatch):
+    # Prepare: node 2 answers at once but without its site record (as a task made stale by a SuperNode restart
+    # could); node 3 answers properly a little later. quorum = min_sites = 2.
+    from flwr.app import MessageType, RecordDict
+
+    import fedeeg.federation.deployment as dep
+
+    closer, clock = _closer(tmp_path, quorum=2)
+    monkeypatch.setattr(dep.time, "monotonic", lambda: clock["t"])
+    grid = _FakeGrid({1: 1, 2: 1, 3: 3}, siteless={2})
+
+    # Execute
+    replies = closer(grid, [1, 2, 3], RecordDict(), MessageType.TRAIN, 1)
+
+    # Assert: the round waited for node 3 instead of closing on the malformed reply; the audit names it as failed
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert entry["data"]["answered"] == ["a", "c"]
+    assert entry["data"]["failed"] == [{"site": "b", "reason": "malformed reply: no site record"}]
+
+
+def test_site_runtime_client_raises_on_401_instead_of_signalling():
+    # Prepare: a call that fails with 401 Unauthorized, as a task token does once the SuperNode restarted
+    import httpx
+
+    from fedeeg.federation.deployment import _bounded_retry_invoker, _task_heartbeat
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/push-task-output")
+    calls = []
+
+    def unauthorized():
+        calls.append(1)
+        raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+    # Execute / Assert: the error reaches the caller after one try (Flower's own invoker sends SIGINT to the process)
+    with pytest.raises(httpx.HTTPStatusError):
+        _bounded_retry_invoker(5.0).invoke(unauthorized)
+    assert calls == [1]
+    # the worker's heartbeat reports failure instead of raising or signalling
+    assert _task_heartbeat(SimpleNamespace(SendTaskHeartbeat=lambda req: unauthorized()))() is False
+    assert _task_heartbeat(SimpleNamespace(SendTaskHeartbeat=lambda req: SimpleNamespace(success=True)))() is True
 
 
 @pytest.mark.parametrize("policy", ["retry", "skip", "abort"])

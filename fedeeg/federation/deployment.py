@@ -52,7 +52,15 @@ _NODE_UNAVAILABLE = 5
 
 # ----------------------------------------------------------------- Flower runtime API
 def _runtime_client(address: str, *, insecure: bool, certificates: bytes | None, token: str | None = None,
-                    component: str = "SuperExec"):
+                    component: str = "SuperExec", give_up_after: float | None = None):
+    """A client of a SuperLink/SuperNode runtime API.
+
+    With ``give_up_after`` (the site's worker), calls retry transport errors
+    for at most that many seconds and raise on an HTTP error such as 401 (a
+    task token made stale by a SuperNode restart). Flower's own invoker
+    answers a 401 by sending SIGINT to the whole process, which would end a
+    site's daemon whenever its SuperNode restarts mid-task.
+    """
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -60,9 +68,24 @@ def _runtime_client(address: str, *, insecure: bool, certificates: bytes | None,
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    invoker = make_simple_http_retry_invoker() if give_up_after is None else _bounded_retry_invoker(give_up_after)
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=insecure,
                                                  root_certificates=certificates, interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 retry_invoker=invoker)
+
+
+def _bounded_retry_invoker(max_time: float):
+    """Retry transport errors and 502/503/504 for ``max_time`` seconds; raise on any other HTTP error, never signal."""
+    import httpx
+    from flwr.supercore.retry.http_retry import _RETRYABLE_STATUS_CODES, _RETRYABLE_TRANSPORT_ERRORS
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+
+    def should_give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in _RETRYABLE_STATUS_CODES
+
+    return RetryInvoker(lambda: exponential(max_delay=min(10.0, max_time)),
+                        (*_RETRYABLE_TRANSPORT_ERRORS, httpx.HTTPStatusError), max_tries=None, max_time=max_time,
+                        should_giveup=should_give_up)
 
 
 def _acquire(client, task_type) -> tuple[str, object] | None:
@@ -149,7 +172,8 @@ class ClientWorker:
         while not stop.is_set():
             try:
                 if client is None:
-                    client = _runtime_client(self.address, insecure=True, certificates=None)
+                    client = _runtime_client(self.address, insecure=True, certificates=None,
+                                             give_up_after=self.site.max_backoff)
                 got = _acquire(client, TaskType.CLIENT_APP)
                 backoff = 0.5
             except Exception as err:  # the SuperNode restarts, or is not up yet
@@ -173,13 +197,14 @@ class ClientWorker:
     def run_task(self, token: str) -> None:
         """Pull one message, answer it with FedEEG's ClientApp, push the reply."""
         from flwr.common.constant import SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
         from .client_app import CLIENT_ERROR_CODE, handle
 
-        client = _runtime_client(self.address, insecure=True, certificates=None, token=token, component="flwr-clientapp")
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        client = _runtime_client(self.address, insecure=True, certificates=None, token=token, component="flwr-clientapp",
+                                 give_up_after=max(30.0, self.site.max_backoff))
+        heartbeat = HeartbeatSender(_task_heartbeat(client))
         heartbeat.start()
         context, message, replied = None, None, False
         status, details = SubStatus.FAILED, "FedEEG ClientApp failed"
@@ -225,9 +250,33 @@ class ClientWorker:
                     pass
             raise
         finally:
-            push_task_output(client, context, status, details)
-            heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client, context, status, details)
+            except Exception as err:  # noqa: BLE001 - a stale task (SuperNode restarted): nothing to report to
+                logger.warning("Could not report the task's end to the SuperNode (%s); it restarted and drops the "
+                               "task.", err)
+            finally:
+                heartbeat.stop()
+                client.close()
+
+
+def _task_heartbeat(client) -> Callable[[], bool]:
+    """A task heartbeat that reports failure instead of signalling the process.
+
+    Flower's ``make_task_heartbeat_fn_http`` raises SIGINT when the SuperNode
+    no longer knows the task (after a SuperNode restart), which would stop the
+    site's daemon; here the stale task simply fails to push its reply.
+    """
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        except Exception as err:  # noqa: BLE001 - a heartbeat never ends the daemon
+            logger.debug("task heartbeat failed: %s", err)
+            return False
+
+    return beat
 
 
 def _action(message_type: str) -> str | None:
@@ -246,9 +295,15 @@ def describe_reply(message: Message) -> dict:
     if message.has_error():
         return {"error": {"code": message.error.code, "reason": message.error.reason}}
     content = message.content
+
+    def arrays(rec) -> dict:
+        try:  # a packed adapter: the tensors it carries
+            return {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in R.record_to_numpy(rec).items()}
+        except ValueError:
+            return {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in rec.items()}
+
     return {
-        "arrays": {name: {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in rec.items()}
-                   for name, rec in content.array_records.items()},
+        "arrays": {name: arrays(rec) for name, rec in content.array_records.items()},
         "metrics": {name: dict(rec) for name, rec in content.metric_records.items()},
         "configs": {name: dict(rec) for name, rec in content.config_records.items()},
     }
@@ -296,8 +351,8 @@ class RoundCloser:
             if self.metrics:
                 self.metrics.set("sites_connected", len(ask))
             replies, stragglers = self._ask(grid, ask, content, message_type, rnd)
-            ok = [r for r in replies if not r.has_error()]
-            self._log(phase, rnd, attempt, ask, replies, stragglers)
+            ok = [r for r in replies if _usable(r, message_type)]
+            self._log(phase, rnd, attempt, ask, replies, stragglers, message_type)
             if len(ok) >= fed.min_sites or (phase == "evaluate" and ok):
                 return replies
             msg = (f"Round {rnd} ({phase}): {len(ok)} of {len(ask)} sites answered in time, fewer than min_sites = "
@@ -346,7 +401,7 @@ class RoundCloser:
                     continue
                 replies.append(reply)
                 self.suspects.discard(nid)
-            if len([r for r in replies if not r.has_error()]) >= need or time.monotonic() >= deadline:
+            if len([r for r in replies if _usable(r, message_type)]) >= need or time.monotonic() >= deadline:
                 break
             self.sleep(self.fed.poll_interval)
         # A fixed order (by site name), so that aggregation does not depend on who answered first.
@@ -361,12 +416,15 @@ class RoundCloser:
                 self.metrics.inc("stragglers", len(stragglers))
         return replies, stragglers
 
-    def _log(self, phase, rnd, attempt, ask, replies, stragglers) -> None:
+    def _log(self, phase, rnd, attempt, ask, replies, stragglers, message_type=MessageType.TRAIN) -> None:
         answered, failed, updates = [], [], []
         for r in replies:
             nid = r.metadata.src_node_id
             if r.has_error():
                 failed.append({"site": self.name(nid), "reason": r.error.reason})
+                continue
+            if not _usable(r, message_type):
+                failed.append({"site": self.name(nid), "reason": "malformed reply: no site record"})
                 continue
             answered.append(self.name(nid))
             if phase == "train" and R.ARRAYS in r.content.array_records:
@@ -388,6 +446,22 @@ class RoundCloser:
             self.audit.append(f"round-{phase}", round=rnd, attempt=attempt, asked=[self.name(n) for n in ask],
                               answered=answered, failed=failed, stragglers=[self.name(n) for n in stragglers],
                               updates=updates)
+
+
+def _usable(reply: Message, message_type: str) -> bool:
+    """Whether a reply counts towards quorum and ``min_sites``: no error and, for train and evaluate, a site record.
+
+    A malformed reply is still handed on (the federation logs and rejects it
+    with its reason) but never closes a round in place of a real answer.
+    """
+    if reply.has_error():
+        return False
+    if message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
+        return True
+    try:
+        return "name" in reply.content.config_records[R.SITE]
+    except (KeyError, AttributeError, TypeError):
+        return False
 
 
 def wait_for_sites(grid, fed: FederationConfig, node_names: dict[int, str], *, sleep=time.sleep) -> list[int]:
