@@ -118,9 +118,12 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.25, help="Polling interval of FedEEG's daemons (s).")
     parser.add_argument("--variants", default="process,subprocess")
     parser.add_argument("--out", default="")
+    parser.add_argument("--keep", default="", help="Keep the deployments' folders (logs) here instead of a temp dir.")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="fedeeg-bench-deploy-") as tmp:
+        if args.keep:
+            tmp = args.keep
         for variant in args.variants.split(","):
             res = run_variant(Path(tmp) / variant, variant, args.rounds, args.poll, args.local_epochs)
             results.append(res)

@@ -56,14 +56,18 @@ def test_client_reply_holds_only_adapter_head_arrays_and_scalar_metrics(strategy
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content = reply.content
     assert set(content.array_records) == {"arrays"}
-    names = list(content.array_records["arrays"].keys())
+    from fedeeg.federation import records as R
+
+    assert sorted(content.array_records["arrays"]) == ["layout", "packed.float32"]  # packed: one buffer + layout
+    unpacked = R.record_to_numpy(content.array_records["arrays"])
+    names = list(unpacked)
     assert names and all(("lora_" in n) or ("modules_to_save" in n) for n in names), names
     if strategy == "ffa":
         assert not any("lora_A" in n for n in names), "ffa must not send the frozen A"
     else:
         assert any("lora_A" in n for n in names)
     # No array is shaped like EEG windows, and their total size is the trainable parameters'.
-    arrays = content.array_records["arrays"]
+    arrays = unpacked
     n_values = sum(int(np.prod(a.shape)) for a in arrays.values())
     assert n_values == sum(p.numel() for p in model.parameters() if p.requires_grad)
     for a in arrays.values():
@@ -204,7 +208,9 @@ class _InProcessGrid:
             action = "train" if msg.metadata.message_type == "train" else "evaluate"
             reply = handle(msg, _context(nid - 1), self.cfg, action)
             if action == "train" and nid == self.corrupt and not reply.has_error():
-                arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+                from fedeeg.federation import records as R
+
+                arrays = R.record_to_state(reply.content.array_records["arrays"])
                 bad = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
                 content = RecordDict({"arrays": ArrayRecord(bad), "metrics": reply.content.metric_records["metrics"],
                                       "site": reply.content.config_records["site"]})
@@ -253,3 +259,43 @@ def test_reply_without_site_record_is_rejected_and_the_run_goes_on(caplog):
     assert "malformed reply" in rec["rejected"][0]["reason"]
     assert set(rec["per_site"]) == {"site-0"}
     assert "malformed" in caplog.text
+
+
+def test_adapter_record_is_packed_and_round_trips():
+    # Prepare: float32 tensors, an int64 buffer and a 0-d tensor, as a LoRA adapter with BatchNorm stats carries
+    from fedeeg.federation import records as R
+
+    state = {"a.lora_A.weight": torch.randn(4, 8), "a.lora_B.weight": torch.zeros(8, 4),
+             "bn.num_batches_tracked": torch.tensor([7], dtype=torch.int64), "head.bias": torch.randn(2)}
+
+    # Execute
+    record = R.state_to_record(state)
+    back = R.record_to_numpy(record)
+
+    # Assert: one buffer per dtype plus the layout (Flower moves each array as its own object), exact round trip
+    assert sorted(record) == ["layout", "packed.float32", "packed.int64"]
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.numpy().dtype and back[k].shape == tuple(v.shape)
+        np.testing.assert_array_equal(back[k], v.numpy())
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda a: {**a, "packed.float32": a["packed.float32"][:-1]}, "too short|uses"),
+    (lambda a: {**a, "packed.float32": np.concatenate([a["packed.float32"], [1.0]]).astype(np.float32)}, "layout uses"),
+    (lambda a: {**a, "layout": np.frombuffer(b"not json", dtype=np.uint8).copy()}, "not a list"),
+    (lambda a: {**a, "extra": np.zeros(1, np.float32)}, "unexpected arrays"),
+    (lambda a: {k: v for k, v in a.items() if k != "packed.float32"}, "no 'packed.float32'"),
+])
+def test_tampered_packed_record_is_rejected_by_name(tamper, match):
+    # Prepare
+    from flwr.app import Array, ArrayRecord
+
+    from fedeeg.federation import records as R
+
+    good = R.state_to_record({"x.lora_A.weight": torch.ones(2, 3), "head.bias": torch.ones(2)})
+    arrays = {k: v.numpy() for k, v in good.items()}
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=match):
+        R.record_to_numpy(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tamper(arrays).items()}))

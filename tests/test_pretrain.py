@@ -275,7 +275,9 @@ def test_client_reply_holds_only_weights_and_scalar_metrics():
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content = reply.content
     assert set(content.array_records) == {"arrays"}
-    arrays = content.array_records["arrays"]
+    from fedeeg.federation import records as R
+
+    arrays = R.record_to_numpy(content.array_records["arrays"])
     assert set(arrays.keys()) == set(model.exchange_state_dict())
     assert sum(int(np.prod(a.shape)) for a in arrays.values()) == count_trainable(model)
     for a in arrays.values():  # nothing shaped like EEG windows or patches
@@ -286,7 +288,7 @@ def test_client_reply_holds_only_weights_and_scalar_metrics():
     assert metrics["num-examples"] == site.n_windows and np.isfinite(metrics["train-loss"])
     assert set(content.config_records) == {"site"} and set(content.config_records["site"]) == {"name", "ch-names", "sfreq"}
     assert not any(s in str(dict(content.config_records["site"])) for s in site.subjects), "no subject ids leave the site"
-    trained = arrays.to_torch_state_dict()
+    trained = R.numpy_to_state(arrays)
     assert not torch.equal(trained["decoder.weight"], model.exchange_state_dict()["decoder.weight"])
 
 
@@ -321,7 +323,9 @@ class _InProcessGrid:
             nid = msg.metadata.dst_node_id
             reply = handle_pretrain(msg, _context(nid - 1, len(self.nodes)), self.cfg)
             if nid == self.corrupt and not reply.has_error():
-                arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+                from fedeeg.federation import records as R
+
+                arrays = R.record_to_state(reply.content.array_records["arrays"])
                 bad = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
                 content = RecordDict({"arrays": ArrayRecord(bad), "metrics": reply.content.metric_records["metrics"],
                                       "site": reply.content.config_records["site"]})

@@ -82,7 +82,7 @@ def _load_for_site(model, cfg: RunConfig, record, site_name: str) -> None:
     from ..models import load_trainable_state_dict
     from ..personalisation import merge_state
 
-    shared = record.to_torch_state_dict()
+    shared = R.record_to_state(record)
     if cfg.personalise != "none":
         import torch
 

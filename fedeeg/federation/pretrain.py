@@ -90,7 +90,7 @@ def _handle(message: Message, context: Context, override: PretrainConfig | None)
     model = _pretrainer(cfg)
     if R.ARRAYS not in message.content.array_records:
         raise ValueError(f"The server's train message carries no '{R.ARRAYS}' ArrayRecord.")
-    model.load_exchange_state_dict(message.content.array_records[R.ARRAYS].to_torch_state_dict())
+    model.load_exchange_state_dict(R.record_to_state(message.content.array_records[R.ARRAYS]))
     server_round = int(message.content.config_records.get(R.CONFIG, ConfigRecord()).get("server-round", 1))
     if not 1 <= server_round <= cfg.rounds:
         raise ValueError(f"server-round {server_round} is outside the run's rounds 1..{cfg.rounds}.")
