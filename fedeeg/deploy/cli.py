@@ -186,6 +186,27 @@ def site_revoke(
     typer.echo(f"revoked {entry.name} ({entry.fingerprint}); restart the server for it to take effect")
 
 
+@site_app.command("roster")
+def site_roster(
+    out: Path = typer.Option(..., "--out", help="The roster file to write (roster.json): send it to every site."),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="The registry file (sites.json)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Or the federation's TOML ([server] registry)."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """At the coordinator: write the active sites' identity public keys for secure aggregation (give it to every site)."""
+    try:
+        from .roster import read_roster, write_roster
+
+        path = write_roster(_registry_path(registry, config), out)
+        roster = read_roster(path)
+    except _ERRORS as exc:
+        _fail(exc, debug)
+    for sid, e in enumerate(roster.entries, start=1):
+        typer.echo(f"{sid:>3}  {e.name:20s} {e.fingerprint}")
+    typer.echo(f"roster of {len(roster.entries)} sites written to {path}: send it to every site "
+               "([deployment] roster = \"PATH\" in site.toml); make and send it again after each register/revoke")
+
+
 @site_app.command("list")
 def site_list(
     registry: Optional[Path] = typer.Option(None, "--registry"),

@@ -8,7 +8,8 @@ One TOML file describes the site's data (``[site]``, ``[data]``, ``[labels]``,
     server = "coordinator.example.org:9092"   # the coordinator's address
     ca = "keys/ca.pem"                        # the consortium CA (from the coordinator)
     key = "keys/hospital-a.key"               # node-authentication key (fedeeg site new), 0600
-    identity_key = "keys/hospital-a.identity.pem"
+    identity_key = "keys/hospital-a.identity.pem"  # secure aggregation (default: beside key)
+    roster = "keys/roster.json"               # the identity keys of all sites (from the coordinator)
     device = "auto"                           # auto | cpu | cuda
     threads = 4                               # torch threads for training
     cache_dir = ""                            # preprocessed windows ("" = default, "off" = none)
@@ -35,7 +36,7 @@ from . import check_site_name
 
 CLIENT_DATASETS = ("folder", "synthetic")
 DATA_TABLES = ("site", "data", "labels", "channels")
-_KEYS = {"server", "ca", "key", "identity_key", "device", "threads", "cache_dir", "checkpoint", "state_dir",
+_KEYS = {"server", "ca", "key", "identity_key", "roster", "device", "threads", "cache_dir", "checkpoint", "state_dir",
          "runtime_port", "poll_interval", "max_backoff", "insecure", "dataset", "partition", "name"}
 
 
@@ -59,7 +60,12 @@ class ClientConfig:
     key : Path | None
         The node-authentication private key (required unless ``insecure``).
     identity_key : Path | None
-        The secure-aggregation identity key.
+        The secure-aggregation identity key (Ed25519, 0600); None: the
+        ``NAME.identity.pem`` beside ``key`` (:attr:`identity_path`).
+    roster : Path | None
+        The consortium's roster of identity public keys (``roster.json``
+        from the coordinator, :mod:`fedeeg.deploy.roster`); required when
+        the run uses secure aggregation.
     device : {"auto", "cpu", "cuda"}
     threads : int
         Torch threads for training.
@@ -91,6 +97,7 @@ class ClientConfig:
     ca: Path | None = None
     key: Path | None = None
     identity_key: Path | None = None
+    roster: Path | None = None
     device: str = "auto"
     threads: int = 1
     cache_dir: str = ""
@@ -126,6 +133,26 @@ class ClientConfig:
         if self.dataset == "synthetic" and self.data_tables:
             raise ClientConfigError("[deployment] dataset = \"synthetic\" takes no data tables; remove "
                                     f"{sorted(self.data_tables)} or use dataset = \"folder\".")
+
+    @property
+    def identity_path(self) -> Path | None:
+        """The secure-aggregation identity key: ``identity_key``, else ``NAME.identity.pem`` beside ``key``."""
+        if self.identity_key is not None:
+            return Path(self.identity_key)
+        return None if self.key is None else Path(self.key).with_name(f"{self.name}.identity.pem")
+
+    def secagg_node_config(self) -> dict[str, str]:
+        """What the site's worker puts in ``Context.node_config`` for secure aggregation.
+
+        The site's name, identity key and roster paths ("" when unset), read by
+        :func:`fedeeg.federation.secure.client_stage` through
+        :func:`fedeeg.deploy.roster.load_site_keys`.
+        """
+        from .roster import NODE_IDENTITY, NODE_NAME, NODE_ROSTER
+
+        identity = self.identity_path
+        return {NODE_NAME: self.name, NODE_IDENTITY: "" if identity is None else str(identity),
+                NODE_ROSTER: "" if self.roster is None else str(self.roster)}
 
     def data_site_file(self) -> Path:
         """Write the data tables alone to ``state_dir/site-data.toml`` (the data layer's site file) and return it.
@@ -201,7 +228,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
         raise ClientConfigError(f"{path.name}: the site needs a name ([site] name = \"hospital-a\").")
     if "server" not in kwargs:
         raise ClientConfigError(f"{path.name}: [deployment] needs server = \"HOST:PORT\" (the coordinator).")
-    for key in ("ca", "key", "identity_key", "state_dir"):
+    for key in ("ca", "key", "identity_key", "roster", "state_dir"):
         if key in kwargs:
             if not isinstance(kwargs[key], str) or not kwargs[key]:
                 raise ClientConfigError(f"{path.name}: [deployment] {key} must be a path string, got {kwargs[key]!r}.")

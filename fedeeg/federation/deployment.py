@@ -224,6 +224,8 @@ class ClientWorker:
                     reply = Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=message)
                 else:
                     context.node_config["partition-id"] = partition
+                    # Secure aggregation: this site's own identity key and the roster it trusts (not seed-derived).
+                    context.node_config.update(self.site.secagg_node_config())
                     kind = message.metadata.message_type
                     action = _action(kind)
                     if action is None:
@@ -504,6 +506,14 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
     audit = AuditLog(out)
     store = RoundStateStore(out)
     cfg = fed.run
+    roster = None
+    if cfg.secure:  # the sites' own identity keys, by protocol id (1-based position by name, as in roster.json)
+        from ..deploy.roster import registry_public_keys
+
+        try:
+            roster = registry_public_keys(fed.registry)
+        except ValueError as err:
+            raise ValueError(f"Secure aggregation needs every active site's identity key: {err}") from None
     latest = store.load_latest()
     resume = None
     if latest is not None:
@@ -537,7 +547,7 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
         _append_jsonl(out / "metrics.jsonl", rec, truncate_first=(rnd == 1))
 
     result = run_federation(grid, cfg, n_sites=len(nodes), on_round=on_round, node_timeout=fed.connect_timeout,
-                            broadcast=closer, resume=resume, on_checkpoint=on_checkpoint)
+                            broadcast=closer, resume=resume, on_checkpoint=on_checkpoint, roster=roster)
     write_outputs(cfg, result, wall_seconds=wall_before + time.perf_counter() - start, out=out)
     from ..checkpoint import read_manifest
 

@@ -25,10 +25,24 @@ A site's state between messages (round keys, shares it holds) lives in its
 ``Context.state`` (``"fedeeg-secagg"``), never leaves the site, and is
 replaced at the next round's advertisement.
 
-Identity keys: in simulation every site's Ed25519 identity is derived from the
-run's seed (:func:`fedeeg.secagg.simulation_identity`) and the server's roster
-from the same; a deployment must give each site its own key
-(:func:`fedeeg.secagg.save_identity`) and the server their public keys.
+Identity keys: each site signs its round keys with a long-term Ed25519
+identity key, checked against a roster of public keys by protocol id.
+
+- Simulation: every identity is derived from the run's seed
+  (:func:`fedeeg.secagg.simulation_identity`), the roster from the same, and a
+  site's protocol id is its partition id + 1. Anyone who knows the seed knows
+  every key: this protects nothing and is for simulation only.
+- Deployment: each site has its own key (``fedeeg site new NAME`` writes
+  ``NAME.identity.pem``, which never leaves the site) and trusts the roster
+  the consortium distributes (``fedeeg site roster``, :mod:`fedeeg.deploy.roster`;
+  ``[deployment] roster`` in site.toml). The site's worker passes both paths
+  and the site's name in ``Context.node_config`` (``secagg-identity``,
+  ``secagg-roster``, ``secagg-name``); the protocol id is the site's position
+  in the roster (sorted by name), and the site refuses to take part when its
+  own key does not match its entry. The server verifies advertisements against
+  the same roster built from its registry (``secure_round(roster=...)``), and
+  every site verifies its neighbours' signatures against its own copy, so a
+  coordinator cannot stand in for a site with a key of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from ..aggregation import apply_delta, check_update, flatten_delta, float_names, travelling_names
 from ..config import RunConfig
+from ..deploy.roster import NODE_IDENTITY, NODE_NAME, NODE_ROSTER, load_site_keys, roster_digest
 from ..secagg import (
     EncodingSpec,
     RdpAccountant,
@@ -67,6 +82,8 @@ SECAGG = "secagg"
 MASKED = "masked"
 #: Key of the site's protocol state in ``Context.state``.
 STATE_KEY = "fedeeg-secagg"
+#: Key of the site record that carries the digest of the roster the site trusts (a diagnostic for stale rosters).
+ROSTER_DIGEST = "roster-digest"
 
 
 class SimulatedFailure(RuntimeError):
@@ -88,6 +105,28 @@ def site_identity(cfg: RunConfig, site_id: int):
 def run_roster(cfg: RunConfig, n_sites: int) -> dict[int, bytes]:
     """Public identity keys of the run's sites, by protocol id (partition id + 1)."""
     return simulation_roster(cfg.seed, n_sites)
+
+
+def site_keys(context: Context, cfg: RunConfig, pid: int):
+    """The site's identity key, the roster it trusts and its protocol id.
+
+    Deployment (``context.node_config`` carries ``secagg-name``): the site's
+    own key and roster files (:func:`fedeeg.deploy.roster.load_site_keys`),
+    protocol id = its position in the roster. Simulation: derived from the
+    run's seed, protocol id = ``pid + 1``.
+
+    Returns
+    -------
+    identity : Ed25519PrivateKey
+    roster : dict of int to bytes
+    site_id : int
+    """
+    node = context.node_config
+    if NODE_NAME in node:
+        return load_site_keys(str(node[NODE_NAME]), str(node.get(NODE_IDENTITY, "")) or None,
+                              str(node.get(NODE_ROSTER, "")) or None)
+    sid = pid + 1
+    return site_identity(cfg, sid), run_roster(cfg, max(cfg.federated_sites, sid)), sid
 
 
 def check_failure(cfg: RunConfig, pid: int, stage: str, name: str) -> None:
@@ -131,22 +170,22 @@ def client_stage(message: Message, context: Context, cfg: RunConfig, action: str
     action : str
         One of :data:`ACTIONS`.
     pid : int
-        The site's partition id (protocol id ``pid + 1``).
+        The site's partition id (simulation: protocol id ``pid + 1``; in a
+        deployment the protocol id comes from the roster, see :func:`site_keys`).
     site : fedeeg.experiment.SiteSplit
         The site's data.
     """
     from .client_app import train_local
 
-    n_sites = cfg.federated_sites
-    sid = pid + 1
-    identity = site_identity(cfg, sid)
-    roster = run_roster(cfg, max(n_sites, sid))
+    identity, roster, sid = site_keys(context, cfg, pid)
     payload = dict(message.content.config_records.get(SECAGG, ConfigRecord()))
     records: dict = {}
     if action == ADVERTISE:  # the site's name and channels travel once per round, with its keys
         client = SecAggClient(sid, identity, roster)
         records[SECAGG] = ConfigRecord(client.advertise(payload))
-        records[R.SITE] = R.site_record(site.name, site.train.ch_names, site.train.sfreq)
+        site_rec = R.site_record(site.name, site.train.ch_names, site.train.sfreq)
+        site_rec[ROSTER_DIGEST] = roster_digest(roster)
+        records[R.SITE] = site_rec
     else:
         if STATE_KEY not in context.state.config_records:
             raise ProtocolError(f"{site.name} has no secure-aggregation state for this round: it missed the key "
@@ -180,6 +219,15 @@ def client_stage(message: Message, context: Context, cfg: RunConfig, action: str
 
 
 # ---------------------------------------------------------------- server side
+def _explain_roster_mismatch(rejected: list[dict], site_digests: dict[str, str], digest: str) -> None:
+    """Add to a refused advertisement's reason when the site trusts another roster than the server's."""
+    for rej in rejected:
+        theirs = site_digests.get(rej["site"])
+        if rej["stage"] in ("advertise", ADVERTISE) and theirs is not None and theirs != digest:
+            rej["reason"] += (f" (the site's roster differs from the coordinator's: digest {theirs} vs {digest}; "
+                              "make it again with `fedeeg site roster` and send it to every site)")
+
+
 @dataclass
 class SecureRoundOutcome:
     """What one secure round produced at the server."""
@@ -243,7 +291,7 @@ class _Exchange:
 
 
 def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str, np.ndarray], rnd: int, *,
-                 accountant: RdpAccountant | None = None) -> SecureRoundOutcome:
+                 accountant: RdpAccountant | None = None, roster: dict[int, bytes] | None = None) -> SecureRoundOutcome:
     """Run one round of training with secure aggregation over ``nodes``.
 
     Parameters
@@ -260,6 +308,10 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
         The round.
     accountant : RdpAccountant | None
         Accumulates the DP guarantee when ``cfg.dp_sigma > 0``.
+    roster : dict of int to bytes | None
+        The sites' raw Ed25519 identity public keys by protocol id
+        (deployment: from the registry, :func:`fedeeg.deploy.roster.registry_public_keys`);
+        None: derived from the run's seed (simulation).
 
     Returns
     -------
@@ -271,7 +323,9 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
     reference = {k: global_arrays[k] for k in travel}
     layout = float_names(reference)
     n_values = int(sum(np.asarray(reference[k]).size for k in layout))
-    roster = run_roster(cfg, max(cfg.federated_sites, len(nodes)))
+    roster = run_roster(cfg, max(cfg.federated_sites, len(nodes))) if roster is None else dict(roster)
+    digest = roster_digest(roster)
+    site_digests: dict[str, str] = {}
     outcome = SecureRoundOutcome(arrays=None)
     node_site: dict[int, int] = {}
     names: dict[int, str] = {}
@@ -310,12 +364,17 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
             node_site[nid] = sid
             names[sid] = outcome.node_names[nid] = str(site_rec["name"])
             outcome.site_info[names[sid]] = {"ch_names": list(site_rec["ch-names"]), "sfreq": float(site_rec["sfreq"])}
+            if ROSTER_DIGEST in site_rec:
+                site_digests[names[sid]] = str(site_rec[ROSTER_DIGEST])
         site_node = {sid: nid for nid, sid in node_site.items()}
 
         def by_site(msgs: dict[int, Message]) -> dict[int, Message]:
             return {node_site[nid]: m for nid, m in msgs.items() if nid in node_site}
 
-        requests = server.receive_advertisements(ads)
+        try:
+            requests = server.receive_advertisements(ads)
+        finally:
+            _explain_roster_mismatch(server.rejected, site_digests, digest)
         spec = encoding_spec(cfg, len(server.u1))
         # 2. share keys
         replies = by_site(send({site_node[s]: _content(rnd, req) for s, req in requests.items()}, SHARE))
@@ -369,5 +428,5 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
 
 
 __all__ = ["ACTIONS", "ADVERTISE", "SHARE", "INPUT", "UNMASK", "SECAGG", "MASKED", "STATE_KEY", "SimulatedFailure",
-           "encoding_spec", "site_identity", "run_roster", "check_failure", "content_bytes", "client_stage",
+           "encoding_spec", "site_identity", "run_roster", "site_keys", "check_failure", "content_bytes", "client_stage",
            "SecureRoundOutcome", "secure_round"]

@@ -66,6 +66,7 @@ def run_federation(
     broadcast: Callable[..., list[Message]] | None = None,
     resume: tuple[int, dict, list[dict]] | None = None,
     on_checkpoint: Callable[[int, dict, dict], None] | None = None,
+    roster: dict[int, bytes] | None = None,
 ) -> RunResult:
     """Run ``cfg.rounds`` federated rounds over the sites connected to ``grid``.
 
@@ -91,6 +92,10 @@ def run_federation(
         then and the rounds' records so far.
     on_checkpoint : callable | None
         Called after each round as ``on_checkpoint(rnd, global_arrays, rec)``.
+    roster : dict of int to bytes | None
+        Secure aggregation: the sites' raw Ed25519 identity public keys by
+        protocol id (deployment: :func:`fedeeg.deploy.roster.registry_public_keys`);
+        None: the keys derived from the run's seed (simulation).
 
     Returns
     -------
@@ -151,7 +156,7 @@ def run_federation(
         if cfg.secure:
             from .secure import secure_round
 
-            outcome = secure_round(grid, round_nodes, cfg, global_arrays, rnd, accountant=accountant)
+            outcome = secure_round(grid, round_nodes, cfg, global_arrays, rnd, accountant=accountant, roster=roster)
             for name, info in outcome.site_info.items():
                 site_info.setdefault(name, {}).update(info)
             site_names.update(outcome.node_names)
