@@ -275,3 +275,43 @@ def test_killed_site_round_closes_at_deadline(deployment):
     assert first["stragglers"] == ["site-2"] and sorted(first["answered"]) == ["site-0", "site-1"]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
     assert "did not answer in time (deadline 20 s)" in deployment.log("server-f")
+
+
+def test_corrupt_last_checkpoint_falls_back_and_reruns_the_round(deployment, uninterrupted):
+    # Prepare: damage the last checkpoint (round 2 of 2) of the finished run; bring back site-2 (killed above)
+    deployment.start_site("site-2")
+    victim = uninterrupted / "checkpoints" / "round-0002" / "arrays.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    want = _adapter(uninterrupted)
+
+    # Execute: start the server again with the run's unchanged federation.toml
+    code, log = deployment.serve(deployment.root / "run-full.toml", name="server-c", timeout=300.0)
+
+    # Assert: warned, fell back to round 1 (never to round 1 of a fresh run), reran round 2, same adapter
+    assert code == 0, deployment.diagnose("server-c")
+    assert "damaged" in log and "Resuming after round 1 of 2" in log
+    starts = [e["data"]["resumed_after"] for e in _audit(uninterrupted) if e["event"] == "run-start"]
+    assert starts == [0, 1]
+    assert deployment.cli("audit", "verify", str(uninterrupted)).returncode == 0
+    got = _adapter(uninterrupted)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_tampered_audit_entry_is_named_by_verify(deployment, uninterrupted):
+    # Prepare: alter one entry's content (still valid JSON) in the finished run's audit log
+    path = uninterrupted / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[2])
+    entry["data"]["answered"] = ["site-0"]
+    lines[2] = json.dumps(entry)
+    path.write_text("\n".join(lines) + "\n")
+
+    # Execute
+    res = deployment.cli("audit", "verify", str(uninterrupted))
+
+    # Assert: verification fails and names the entry
+    assert res.returncode != 0
+    assert "seq 2 (line 3" in res.stdout + res.stderr and "altered" in res.stdout + res.stderr
