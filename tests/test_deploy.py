@@ -454,6 +454,36 @@ def test_reply_without_site_record_does_not_count_towards_min_sites(tmp_path, _t
     assert entry["data"]["failed"] == [{"site": "b", "reason": "malformed reply: no site record"}]
 
 
+def test_site_revoked_during_the_run_is_not_asked_from_the_next_round(tmp_path, _task_identity, monkeypatch):
+    # Prepare: three registered sites a, b, c answering at once; a closer that re-reads the registry
+    from flwr.app import MessageType, RecordDict
+
+    import fedeeg.federation.deployment as dep
+    from fedeeg.deploy.keys import new_site_keys
+    from fedeeg.deploy.registry import SiteRegistry
+
+    registry = SiteRegistry(tmp_path / "sites.json")
+    for name in ("a", "b", "c"):
+        registry.register(new_site_keys(name, tmp_path / f"keys-{name}").node_pub)
+    closer, clock = _closer(tmp_path)
+    closer.registry = tmp_path / "sites.json"
+    monkeypatch.setattr(dep.time, "monotonic", lambda: clock["t"])
+    grid = _FakeGrid({1: 1, 2: 1, 3: 1})
+    first = closer(grid, [1, 2, 3], RecordDict(), MessageType.TRAIN, 1)
+
+    # Execute: the coordinator revokes b between rounds 1 and 2
+    SiteRegistry(tmp_path / "sites.json").revoke("b", reason="left the consortium")
+    grid.pushed.clear()
+    second = closer(grid, [1, 2, 3], RecordDict(), MessageType.TRAIN, 2)
+
+    # Assert: b answered round 1 but is neither asked nor counted in round 2; the revocation is audited
+    assert sorted(r.metadata.src_node_id for r in first) == [1, 2, 3]
+    assert sorted(grid.pushed) == [1, 3] and sorted(r.metadata.src_node_id for r in second) == [1, 3]
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["data"]["site"] for e in events if e["event"] == "site-revoked"] == ["b"]
+    assert events[-1]["data"]["asked"] == ["a", "c"]
+
+
 def test_site_runtime_client_raises_on_401_instead_of_signalling():
     # Prepare: a call that fails with 401 Unauthorized, as a task token does once the SuperNode restarted
     import httpx

@@ -324,21 +324,56 @@ class RoundCloser:
     metrics : ServerMetrics | None
     sleep : callable
         For tests.
+    registry : path-like | None
+        The site registry, re-read (when it changed) before every round: a
+        site revoked during the run is no longer asked from the next round
+        on (plain rounds; a secure run's roster is fixed at its start).
     """
 
     def __init__(self, fed: FederationConfig, *, node_names: dict[int, str] | None = None, audit: AuditLog | None = None,
-                 metrics: ServerMetrics | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 metrics: ServerMetrics | None = None, sleep: Callable[[float], None] = time.sleep,
+                 registry: str | os.PathLike | None = None) -> None:
         self.fed, self.node_names = fed, dict(node_names or {})
         self.audit, self.metrics, self.sleep = audit, metrics, sleep
         self.suspects: set[int] = set()
+        self.registry = Path(registry) if registry else None
+        self._registry_stamp: tuple | None = None
+        self.revoked: set[str] = set()
 
     def name(self, nid: int) -> str:
         return self.node_names.get(nid, f"node-{nid}")
+
+    def _refresh_revocations(self) -> None:
+        """Re-read the registry if it changed; log and audit every site newly revoked."""
+        from ..deploy.registry import SiteRegistry
+
+        try:
+            st = self.registry.stat()
+        except OSError:
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._registry_stamp:
+            return
+        self._registry_stamp = stamp
+        try:
+            registry = SiteRegistry(self.registry)
+        except ValueError as err:  # a half-edited registry never stops a run; the last good state stays
+            logger.warning("Could not re-read the site registry (%s); revocations unchanged.", err)
+            return
+        now = {e.name for e in registry.all() if e.status != "active"} & set(self.node_names.values())
+        for name in sorted(now - self.revoked):
+            logger.warning("Site %s was revoked in %s: it is no longer asked.", name, self.registry)
+            if self.audit is not None:
+                self.audit.append("site-revoked", site=name)
+        self.revoked = now
 
     def _online(self, grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
         if self.node_names:  # with node authentication every node is a registered site
             nodes = [n for n in nodes if n in self.node_names]
+        if self.registry is not None:
+            self._refresh_revocations()
+            nodes = [n for n in nodes if self.name(n) not in self.revoked]
         return nodes
 
     def __call__(self, grid, nodes, content: RecordDict, message_type: str, rnd: int) -> list[Message]:
@@ -528,7 +563,8 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
     audit.append("run-start", federation=fed.name, fedeeg_version=__version__, config_hash=config_hash(cfg.to_dict()),
                  rounds=cfg.rounds, resumed_after=latest.round if latest else 0,
                  sites=sorted(set((node_names or {}).values())))
-    closer = RoundCloser(fed, node_names=node_names, audit=audit, metrics=metrics)
+    closer = RoundCloser(fed, node_names=node_names, audit=audit, metrics=metrics,
+                         registry=fed.registry if node_names else None)
     nodes = wait_for_sites(grid, fed, node_names or {})
     history = list(resume[2]) if resume else []
     start = time.perf_counter()
