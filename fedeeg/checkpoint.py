@@ -16,7 +16,6 @@ A folder written by :func:`save_model_dir` holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,18 +28,11 @@ from pathlib import Path
 from torch import nn
 
 from . import __version__
+from ._hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "fedeeg_manifest.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_peft(model: nn.Module) -> bool:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._hashing import sha256_file as file_sha256
 from .base import WindowSet
 from .preprocessing import PreprocessSpec
 
@@ -53,7 +54,6 @@ _MANIFEST = "manifest.json"
 _HASH_INDEX = "file-hashes.json"
 _ARRAYS = ("X", "y", "subject")
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
 #: A temporary folder older than this is abandoned whoever wrote it (s).
 _STALE_SECONDS = 3600.0
 #: A memoised file hash is trusted only if the file was unmodified this long
@@ -72,15 +72,6 @@ def default_cache_dir() -> Path:
     """
     env = os.environ.get("FEDEEG_CACHE_DIR", "")
     return Path(env).expanduser() if env.strip() else Path("~/.cache/fedeeg").expanduser()
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's content, read in 1 MiB chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _canonical_json(obj, what: str) -> str:

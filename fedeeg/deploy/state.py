@@ -14,7 +14,6 @@ again at round 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .._hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,6 @@ class RoundState:
     state: dict
     path: Path
     manifest: dict
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,7 +98,7 @@ class RoundStateStore:
         try:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / ARRAYS))
             (tmp / STATE).write_text(json.dumps({**state, "round": rnd}, sort_keys=True, default=_json_default))
-            manifest = {"round": rnd, "files": {name: _sha256(tmp / name) for name in (ARRAYS, STATE)}}
+            manifest = {"round": rnd, "files": {name: sha256_file(tmp / name) for name in (ARRAYS, STATE)}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
             for name in (ARRAYS, STATE, MANIFEST):
                 with (tmp / name).open("rb") as f:
@@ -135,7 +128,7 @@ class RoundStateStore:
             want = manifest.get("files", {}).get(name)
             if not (path / name).is_file():
                 raise ValueError(f"{path / name} is missing.")
-            got = _sha256(path / name)
+            got = sha256_file(path / name)
             if got != want:
                 raise ValueError(f"{path / name} does not match its sha256 in {MANIFEST} "
                                  f"(expected {str(want)[:12]}…, got {got[:12]}…).")

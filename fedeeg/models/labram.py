@@ -14,7 +14,6 @@ patches) and at most 16 patches.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import pickle
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._hashing import sha256_file
 from .._validation import check_option, check_range
 
 logger = logging.getLogger(__name__)
@@ -467,14 +467,6 @@ def build_backbone(
     return model
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checkpoint_file(path: str | Path) -> tuple[Path, str]:
     """The checkpoint's resolved path and SHA-256; clear errors when it is absent or unreadable."""
     path = Path(path).expanduser()
@@ -483,7 +475,7 @@ def _checkpoint_file(path: str | Path) -> tuple[Path, str]:
     if not path.is_file():
         raise ValueError(f"The checkpoint path {str(path)!r} is not a file.")
     try:
-        sha = _file_sha256(path)
+        sha = sha256_file(path)
     except OSError as err:
         raise ValueError(f"Cannot read the checkpoint {str(path)!r}: {err}") from err
     return path, sha
