@@ -299,3 +299,28 @@ def test_tampered_packed_record_is_rejected_by_name(tamper, match):
     # Execute / Assert
     with pytest.raises(ValueError, match=match):
         R.record_to_numpy(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tamper(arrays).items()}))
+
+
+def test_site_refuses_a_backbone_checkpoint_other_than_the_coordinators(tmp_path):
+    # Prepare: the coordinator's checkpoint and a site's copy that differs by one byte
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedeeg.federation import records as R
+    from fedeeg.federation.client_app import handle
+
+    theirs, ours = tmp_path / "coordinator.safetensors", tmp_path / "site.safetensors"
+    theirs.write_bytes(b"backbone weights" * 100)
+    ours.write_bytes(b"backbone weights" * 99 + b"Backbone weights")
+    config = R.round_config(1, str(theirs))
+    message = Message(RecordDict({"config": config}), dst_node_id=1, message_type="train")
+
+    # Execute
+    reply = handle(message, _context(0), RunConfig(**{**SMALL, "checkpoint": str(ours)}), "train")
+
+    # Assert: an error reply that names both hashes and what to do; the matching copy passes the check
+    assert config[R.CHECKPOINT_SHA] == R.round_config(2, str(theirs))[R.CHECKPOINT_SHA] and len(config[R.CHECKPOINT_SHA]) == 64
+    assert reply.has_error() and "sha256" in reply.error.reason and "[deployment] checkpoint" in reply.error.reason
+    R.check_backbone(config, str(theirs))
+    with pytest.raises(ValueError, match="has none"):
+        R.check_backbone(config, "")
+    R.check_backbone(R.round_config(1, ""), "")  # no checkpoint on either side: nothing to check

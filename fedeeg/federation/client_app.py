@@ -180,6 +180,7 @@ def _handle(message: Message, context: Context, override: RunConfig | None, acti
     pid = _site_index(context, cfg.federated_sites)
     if action == "query":  # the server maps nodes to partition ids (partial participation); no data is loaded
         return Message(RecordDict({R.SITE: ConfigRecord({"partition-id": pid})}), reply_to=message)
+    R.check_backbone(message.content.config_records.get(R.CONFIG), cfg.checkpoint)  # before any data is loaded
     site = prepare_site(cfg, pid)  # this site only, loaded lazily
     if action in secure.ACTIONS:
         if not cfg.secure:

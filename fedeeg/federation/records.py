@@ -125,5 +125,41 @@ def metric_record_to_eval(rec: MetricRecord) -> dict:
     return out
 
 
+#: Key of the round config that carries the sha256 of the coordinator's backbone checkpoint.
+CHECKPOINT_SHA = "checkpoint-sha256"
+
+
+def round_config(rnd: int, checkpoint: str = "") -> ConfigRecord:
+    """The ``config`` record of a round's messages: ``server-round``, and the sha256 of the backbone checkpoint.
+
+    With a checkpoint, every site checks that its own copy has the same
+    sha256 before it trains or evaluates (:func:`check_backbone`), so no site
+    silently adapts another model.
+    """
+    rec = ConfigRecord({"server-round": int(rnd)})
+    if checkpoint:
+        from .._hashing import sha256_file_cached
+
+        rec[CHECKPOINT_SHA] = sha256_file_cached(checkpoint)
+    return rec
+
+
+def check_backbone(config: ConfigRecord | None, checkpoint: str) -> None:
+    """Raise ValueError when the coordinator's backbone sha256 (in ``config``) differs from this site's checkpoint's."""
+    want = str((config or {}).get(CHECKPOINT_SHA, "") or "")
+    if not want:
+        return
+    if not checkpoint:
+        raise ValueError(f"The coordinator's run starts from a backbone checkpoint (sha256 {want[:12]}…) but this site "
+                         "has none: set [deployment] checkpoint = \"PATH\" to the site's copy of that file.")
+    from .._hashing import sha256_file_cached
+
+    got = sha256_file_cached(checkpoint)
+    if got != want:
+        raise ValueError(f"This site's backbone checkpoint {checkpoint} has sha256 {got[:12]}…, but the coordinator's "
+                         f"has {want[:12]}…: the site would adapt another model. Copy the coordinator's checkpoint file "
+                         "to the path in [deployment] checkpoint (compare `sha256sum` on both sides).")
+
+
 def site_record(name: str, ch_names, sfreq: float) -> ConfigRecord:
     return ConfigRecord({"name": str(name), "ch-names": [str(c) for c in ch_names], "sfreq": float(sfreq)})

@@ -250,8 +250,8 @@ def _send(grid, requests: dict[int, RecordDict], action: str, rnd: int, timeout:
     return {r.metadata.src_node_id: r for r in replies}
 
 
-def _content(rnd: int, payload: dict | None = None, **records) -> RecordDict:
-    out = {R.CONFIG: ConfigRecord({"server-round": rnd})}
+def _content(config: ConfigRecord, payload: dict | None = None, **records) -> RecordDict:
+    out = {R.CONFIG: config}
     if payload is not None:
         out[SECAGG] = ConfigRecord(payload)
     out.update(records)
@@ -324,6 +324,7 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
     layout = float_names(reference)
     n_values = int(sum(np.asarray(reference[k]).size for k in layout))
     roster = run_roster(cfg, max(cfg.federated_sites, len(nodes))) if roster is None else dict(roster)
+    round_cfg = R.round_config(rnd, cfg.checkpoint)
     digest = roster_digest(roster)
     site_digests: dict[str, str] = {}
     outcome = SecureRoundOutcome(arrays=None)
@@ -346,7 +347,7 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
 
     try:
         # 1. key advertisement
-        replies = send({nid: _content(rnd, server.advertise_request()) for nid in nodes}, ADVERTISE)
+        replies = send({nid: _content(round_cfg, server.advertise_request()) for nid in nodes}, ADVERTISE)
         ads = {}
         for nid, reply in replies.items():
             try:
@@ -377,7 +378,7 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
             _explain_roster_mismatch(server.rejected, site_digests, digest)
         spec = encoding_spec(cfg, len(server.u1))
         # 2. share keys
-        replies = by_site(send({site_node[s]: _content(rnd, req) for s, req in requests.items()}, SHARE))
+        replies = by_site(send({site_node[s]: _content(round_cfg, req) for s, req in requests.items()}, SHARE))
         shares = {}
         for sid, reply in replies.items():
             if SECAGG in reply.content.config_records:
@@ -385,7 +386,7 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
         requests = server.receive_shares(shares)
         # 3. masked input (the sites train here)
         down = R.state_to_record(R.numpy_to_state(global_arrays))
-        replies = by_site(send({site_node[s]: _content(rnd, req, **{R.ARRAYS: down}) for s, req in requests.items()},
+        replies = by_site(send({site_node[s]: _content(round_cfg, req, **{R.ARRAYS: down}) for s, req in requests.items()},
                                INPUT))
         inputs = {}
         for sid, reply in replies.items():
@@ -395,7 +396,7 @@ def secure_round(grid, nodes: list[int], cfg: RunConfig, global_arrays: dict[str
                 server.rejected.append({"site": names.get(sid, str(sid)), "stage": INPUT, "reason": f"malformed masked input: {err}"})
         requests = server.receive_masked_inputs(inputs)
         # 4. unmask
-        replies = by_site(send({site_node[s]: _content(rnd, req) for s, req in requests.items()}, UNMASK))
+        replies = by_site(send({site_node[s]: _content(round_cfg, req) for s, req in requests.items()}, UNMASK))
         total = server.receive_unmask({sid: dict(r.content.config_records[SECAGG]) for sid, r in replies.items()
                                        if SECAGG in r.content.config_records})
         decoded = decode_sum(total, spec, n_inputs=len(server.u3))

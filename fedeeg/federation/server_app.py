@@ -176,7 +176,7 @@ def run_federation(
         bytes_up.extend(float(s) for s in up_sizes)
 
         content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
-                              R.CONFIG: ConfigRecord({"server-round": rnd})})
+                              R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
         per_site = {}
         for reply in send(grid, eval_nodes, content, MessageType.EVALUATE, rnd):
             nid = reply.metadata.src_node_id
@@ -248,7 +248,7 @@ def _plain_round(send: Callable[..., list[Message]], grid: Grid, nodes: list[int
     travel = travelling_names(global_arrays, cfg.strategy, rnd)
     reference = {k: global_arrays[k] for k in travel}
     down = R.state_to_record(R.numpy_to_state(global_arrays))
-    content = RecordDict({R.ARRAYS: down, R.CONFIG: ConfigRecord({"server-round": rnd})})
+    content = RecordDict({R.ARRAYS: down, R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
     replies = send(grid, nodes, content, MessageType.TRAIN, rnd)
     updates, losses, rejected, up_sizes = [], [], [], []
     for reply in replies:
