@@ -370,3 +370,32 @@ def test_deployment_run_needs_every_active_sites_identity_key(tmp_path):
     # Execute / Assert: refused at start, naming the site and the command; nothing was asked of the grid
     with pytest.raises(ValueError, match=r"identity key.*\['beta'\].*fedeeg site register"):
         run_deployment(object(), fed)
+
+
+def test_secure_deployment_stages_wait_at_most_the_round_deadline(tmp_path, monkeypatch):
+    # Prepare: a secure run with no reply_timeout of its own; run_federation replaced by a spy
+    import fedeeg.federation.deployment as dep
+    import fedeeg.federation.server_app as server_app
+    from fedeeg.deploy.federation_config import FederationConfig
+
+    _enrol(tmp_path, ["alpha", "beta", "gamma"])
+    fed = FederationConfig(run=CFG.replace(reply_timeout=0.0), out=tmp_path / "out", registry=tmp_path / "sites.json",
+                           sites=3, min_sites=2, round_deadline=42.0)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(grid, cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(server_app, "run_federation", spy)
+    monkeypatch.setattr(dep, "wait_for_sites", lambda grid, fed, names: [1, 2, 3])
+
+    # Execute
+    with pytest.raises(Stop):
+        dep.run_deployment(object(), fed)
+
+    # Assert: each secure stage waits at most the deadline (0 = forever would hang on a dead site)
+    assert CFG.secure and seen["cfg"].reply_timeout == 42.0

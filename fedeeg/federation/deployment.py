@@ -582,7 +582,10 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
             metrics.set("round_seconds", float(rec.get("seconds", 0.0)))
         _append_jsonl(out / "metrics.jsonl", rec, truncate_first=(rnd == 1))
 
-    result = run_federation(grid, cfg, n_sites=len(nodes), on_round=on_round, node_timeout=fed.connect_timeout,
+    # Secure rounds exchange their four stages directly (not through the closer): each stage waits at most the
+    # round deadline unless the run sets its own reply_timeout, so a dead site never hangs a secure round.
+    run_cfg = cfg.replace(reply_timeout=cfg.reply_timeout or fed.round_deadline) if cfg.secure else cfg
+    result = run_federation(grid, run_cfg, n_sites=len(nodes), on_round=on_round, node_timeout=fed.connect_timeout,
                             broadcast=closer, resume=resume, on_checkpoint=on_checkpoint, roster=roster)
     write_outputs(cfg, result, wall_seconds=wall_before + time.perf_counter() - start, out=out)
     from ..checkpoint import read_manifest
