@@ -17,7 +17,6 @@ a central run's.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -269,24 +268,6 @@ def make_pretrain_server_app(
 
 
 # ------------------------------------------------------------------------------------------- simulation
-def _backend_config(device: str, n_sites: int, cpus_per_site: float, verbose: bool) -> dict:
-    """Ray resources of the simulation engine (as :func:`fedeeg.federation.simulation.run_federated_simulation`)."""
-    import torch
-
-    n_cpus = os.cpu_count() or 1
-    use_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
-    return {
-        "client_resources": {"num_cpus": min(cpus_per_site, n_cpus), "num_gpus": (1.0 / n_sites) if use_gpu else 0.0},
-        "init_args": {
-            "num_cpus": n_cpus,
-            "num_gpus": torch.cuda.device_count() if use_gpu else 0,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
-
-
 def run_pretrain_simulation(
     cfg: PretrainConfig,
     *,
@@ -314,18 +295,13 @@ def run_pretrain_simulation(
     -------
     result : PretrainResult
     """
-    from flwr.simulation import run_simulation
+    from .simulation import run_apps_in_simulation
 
-    from .simulation import _quiet_flower
-
-    _quiet_flower(verbose)
-    os.environ["FEDEEG_CLIENT_THREADS"] = str(max(1, int(cpus_per_site)))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: list[PretrainResult] = []
     server_app = make_pretrain_server_app(cfg, n_sites=n_sites, results=results, on_round=on_round)
     client_app = make_pretrain_client_app(cfg)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                   backend_config=_backend_config(cfg.device, n_sites, cpus_per_site, verbose), verbose_logging=verbose)
+    run_apps_in_simulation(server_app, client_app, n_sites=n_sites, device=cfg.device, cpus_per_site=cpus_per_site,
+                           verbose=verbose)
     if not results:
         raise RuntimeError("The federated pretraining simulation ended without a result; run with --verbose to see Flower's log.")
     return results[0]

@@ -33,6 +33,57 @@ def _quiet_flower(verbose: bool) -> None:
         flwr_logger.addFilter(_DropRunSimulationDeprecation())
 
 
+def run_apps_in_simulation(server_app, client_app, *, n_sites: int, device: str, cpus_per_site: float = 1.0,
+                           parallel_clients: int = 0, verbose: bool = False) -> None:
+    """Run a ServerApp/ClientApp pair in Flower's simulation engine (Ray) with ``n_sites`` virtual SuperNodes.
+
+    The one place that sets up the engine for FedEEG (environment, quiet
+    logs, Ray resources); used by ``fedeeg simulate`` and ``fedeeg pretrain``.
+
+    Parameters
+    ----------
+    server_app, client_app : flwr ServerApp, ClientApp
+    n_sites : int
+        Virtual SuperNodes (partition-id = site index).
+    device : str
+        ``auto``/``cuda`` share the visible GPUs among the sites' actors.
+    cpus_per_site : float
+        Ray CPUs each ClientApp actor holds (and its torch threads).
+    parallel_clients : int
+        If > 0, at most this many ClientApp actors at once (overrides ``cpus_per_site``).
+    verbose : bool
+        Show Flower's and Ray's INFO logs.
+    """
+    import torch
+    from flwr.simulation import run_simulation
+
+    _quiet_flower(verbose)
+    # Ray's local workers inherit this process's environment.
+    os.environ["FEDEEG_CLIENT_THREADS"] = str(max(1, int(cpus_per_site)))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n_cpus = os.cpu_count() or 1
+    if parallel_clients:  # each actor holds one model and <= 2 sites
+        cpus_per_site = n_cpus / parallel_clients
+    use_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
+    backend_config = {
+        "client_resources": {
+            "num_cpus": min(cpus_per_site, n_cpus),
+            "num_gpus": (1.0 / n_sites) if use_gpu else 0.0,
+        },
+        "init_args": {
+            "num_cpus": n_cpus,
+            "num_gpus": torch.cuda.device_count() if use_gpu else 0,
+            "include_dashboard": False,
+            "object_store_memory": 512 * 2**20,  # messages are small; Ray's default reserves 30 % of RAM
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        },
+    }
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
+                   backend_config=backend_config, verbose_logging=verbose)
+
+
 def run_federated_simulation(
     cfg: RunConfig,
     *,
@@ -60,40 +111,14 @@ def run_federated_simulation(
     -------
     result : RunResult
     """
-    import torch
-    from flwr.simulation import run_simulation
-
     from .client_app import make_client_app
     from .server_app import make_server_app
 
-    _quiet_flower(verbose)
-    # Ray's local workers inherit this process's environment.
-    os.environ["FEDEEG_CLIENT_THREADS"] = str(max(1, int(cpus_per_site)))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results: list[RunResult] = []
     server_app = make_server_app(cfg, n_sites=n_sites, results=results, on_round=on_round)
     client_app = make_client_app(cfg)
-    n_cpus = os.cpu_count() or 1
-    if cfg.parallel_clients:  # at most this many ClientApp actors at once (each holds one model and <= 2 sites)
-        cpus_per_site = n_cpus / cfg.parallel_clients
-    use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    backend_config = {
-        "client_resources": {
-            "num_cpus": min(cpus_per_site, n_cpus),
-            "num_gpus": (1.0 / n_sites) if use_gpu else 0.0,
-        },
-        "init_args": {
-            "num_cpus": n_cpus,
-            "num_gpus": torch.cuda.device_count() if use_gpu else 0,
-            "include_dashboard": False,
-            "object_store_memory": 512 * 2**20,  # messages are small; Ray's default reserves 30 % of RAM
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                   backend_config=backend_config, verbose_logging=verbose)
+    run_apps_in_simulation(server_app, client_app, n_sites=n_sites, device=cfg.device, cpus_per_site=cpus_per_site,
+                           parallel_clients=cfg.parallel_clients, verbose=verbose)
     if not results:
         raise RuntimeError("The federated simulation ended without a result; run with --verbose to see Flower's log.")
     result = results[0]
