@@ -35,3 +35,47 @@ def check_range(name: str, value: Any, *, low: float | None = None, high: float 
     if high is not None and value > high:
         raise ValueError(f"{name!r} must be <= {high}, got {value!r} instead.")
     return value
+
+
+def coerce_scalar(name: str, value: Any, annotation: Any) -> Any:  # noqa: ARG001 - same signature as field coercers
+    """TOML/Flower scalars to a field's type: an int given as a float (``3.0``) to int, an int to float."""
+    ann = str(annotation)
+    if ann.startswith("int") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if ann.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def dataclass_kwargs(cls, mapping, *, what: str, coerce=coerce_scalar) -> dict[str, Any]:
+    """Keyword arguments of dataclass ``cls`` from a mapping with snake- or kebab-case keys (e.g. Flower's run config).
+
+    Parameters
+    ----------
+    cls : dataclass type
+    mapping : Mapping
+    what : str
+        What the mapping is, for the error ("run config", "pretraining config").
+    coerce : callable
+        ``coerce(name, value, annotation)`` for each value.
+
+    Raises
+    ------
+    ValueError
+        For unknown keys, naming them and listing the known ones.
+    """
+    import dataclasses
+
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            unknown.append(key)
+            continue
+        kwargs[name] = coerce(name, value, known[name].type)
+    if unknown:
+        allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
+        raise ValueError(f"Unknown {what} key(s) {sorted(unknown)}. Known keys are: {allowed}.")
+    return kwargs

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._validation import check_option, check_range
+from ._validation import check_option, check_range, coerce_scalar, dataclass_kwargs
 
 DATASETS = ("synthetic", "eegmat", "folder")
 SPLITS = ("year", "subject")
@@ -427,31 +427,14 @@ class RunConfig:
 
         Unknown keys are an error naming them and listing the known ones.
         """
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in mapping.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                unknown.append(key)
-                continue
-            kwargs[name] = _coerce(name, value, known[name].type)
-        if unknown:
-            allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
-            raise ValueError(f"Unknown run config key(s) {sorted(unknown)}. Known keys are: {allowed}.")
-        return cls(**kwargs)
+        return cls(**dataclass_kwargs(cls, mapping, what="run config", coerce=_coerce))
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Coerce TOML/Flower scalars to the field's type (ints given as floats etc.)."""
-    ann = str(annotation)
+    """Coerce TOML/Flower scalars to the field's type (``lr`` 0 is Flower's stand-in for None)."""
     if name == "lr":
         return None if value in (None, "", 0, 0.0) else float(value)
-    if ann.startswith("int") and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if ann.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return coerce_scalar(name, value, annotation)
 
 
 __all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "AGGREGATIONS", "FAIL_STAGES", "SECURE_DEFAULT_CLIP", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]

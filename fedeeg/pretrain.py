@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._validation import check_option, check_range
+from ._validation import check_option, check_range, dataclass_kwargs
 from .config import DEVICES, SPLITS, RunConfig
 from .data.base import WindowSet
 
@@ -225,24 +225,7 @@ class PretrainConfig:
 
         Unknown keys are an error naming them and listing the known ones.
         """
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in mapping.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                unknown.append(key)
-                continue
-            ann = str(known[name].type)
-            if ann == "int" and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            elif ann == "float" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            kwargs[name] = value
-        if unknown:
-            allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
-            raise ValueError(f"Unknown pretraining config key(s) {sorted(unknown)}. Known keys are: {allowed}.")
-        return cls(**kwargs)
+        return cls(**dataclass_kwargs(cls, mapping, what="pretraining config"))
 
 
 # ---------------------------------------------------------------------------------------------- the model
