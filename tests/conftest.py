@@ -47,3 +47,14 @@ def _private_cache_dir(tmp_path_factory):
         os.environ.pop("FEDEEG_CACHE_DIR", None)
     else:
         os.environ["FEDEEG_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old

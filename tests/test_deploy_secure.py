@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from fedeeg.aggregation import travelling_names
 from fedeeg.config import RunConfig
 from fedeeg.deploy.keys import new_site_keys
 from fedeeg.deploy.registry import SiteRegistry
@@ -20,6 +19,7 @@ from fedeeg.deploy.roster import (
     write_roster,
 )
 from fedeeg.secagg.keys import generate_identity, load_identity, public_bytes, save_identity
+from _fakes import fake_evaluate, fake_train_local
 
 SMALL = dict(backbone="labram-small", rounds=1, batch_size=16, window_seconds=2.0, device="cpu")
 #: Key names of the three sites, by partition id: their roster order (a, b, c) differs from the partition order.
@@ -27,14 +27,8 @@ KEY_NAMES = ["hosp-c", "hosp-a", "hosp-b"]
 
 
 @pytest.fixture(autouse=True)
-def _flower_task_identity():
-    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+def _flower_task_identity(flower_task_identity):
+    """Every test here builds Messages outside a running app (see conftest's ``flower_task_identity``)."""
 
 
 def _enrol(tmp_path, names, *, without_identity=()):
@@ -165,25 +159,6 @@ def test_site_config_reads_roster_and_defaults_identity_key_beside_key(tmp_path)
 
 
 # ------------------------------------------------------------------ (c) a secure round with the sites' own keys
-def fake_train_local(cfg, message, pid, site):
-    """Deterministic stand-in for local training: global + a site- and round-specific change."""
-    from fedeeg.federation import records as R
-    from fedeeg.training import TrainResult
-
-    glob = R.record_to_numpy(message.content.array_records[R.ARRAYS])
-    rnd = int(message.content.config_records[R.CONFIG]["server-round"])
-    rng = np.random.default_rng(1000 * pid + rnd)
-    trained = {k: (glob[k] + (0.002 * (pid + 1)) * rng.standard_normal(glob[k].shape)).astype(glob[k].dtype)
-               for k in travelling_names(glob, cfg.strategy, rnd)}
-    return glob, trained, TrainResult(loss=0.5 + 0.1 * pid, n_examples=site.train.n_windows, epochs=1, seconds=0.0,
-                                      windows_per_second=0.0)
-
-
-def fake_evaluate(model, windows, device="cpu", **kwargs):
-    return {"balanced_accuracy": 0.5, "cohen_kappa": 0.0, "macro_f1": 0.5, "auroc": 0.5, "n_windows": 4,
-            "confusion": [[1, 1], [1, 1]]}
-
-
 @pytest.fixture
 def deployed(monkeypatch, tmp_path):
     """Three sites with keys from `fedeeg site new`, a registry, the distributed roster; no seed-derived key allowed."""

@@ -11,14 +11,8 @@ from fedeeg.config import RunConfig
 from fedeeg.experiment import build_model, prepare_sites
 
 @pytest.fixture(autouse=True)
-def _flower_task_identity():
-    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+def _flower_task_identity(flower_task_identity):
+    """Every test here builds Messages outside a running app (see conftest's ``flower_task_identity``)."""
 
 
 SMALL = dict(backbone="labram-small", sites=2, rounds=1, batch_size=16, window_seconds=2.0, device="cpu")

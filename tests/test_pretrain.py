@@ -27,14 +27,8 @@ SMALL = dict(backbone="labram-small", dataset="synthetic", sites=2, window_secon
 
 
 @pytest.fixture(autouse=True)
-def _flower_task_identity():
-    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+def _flower_task_identity(flower_task_identity):
+    """Every test here builds Messages outside a running app (see conftest's ``flower_task_identity``)."""
 
 
 def _batch(n: int = 3, seconds: int = 2, seed: int = 0) -> torch.Tensor:

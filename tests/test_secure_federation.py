@@ -8,39 +8,15 @@ import torch
 
 from fedeeg.aggregation import coordinate_median, lora_delta, travelling_names, trimmed_mean
 from fedeeg.config import RunConfig
+from _fakes import fake_evaluate, fake_train_local
 
 
 @pytest.fixture(autouse=True)
-def _flower_task_identity():
-    """Messages built outside a running app need Flower's task identity (a SuperNode sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+def _flower_task_identity(flower_task_identity):
+    """Every test here builds Messages outside a running app (see conftest's ``flower_task_identity``)."""
 
 
 SMALL = dict(backbone="labram-small", rounds=1, batch_size=16, window_seconds=2.0, device="cpu")
-
-
-def fake_train_local(cfg, message, pid, site):
-    """Deterministic stand-in for local training: global + a site- and round-specific change."""
-    from fedeeg.federation import records as R
-    from fedeeg.training import TrainResult
-
-    glob = R.record_to_numpy(message.content.array_records[R.ARRAYS])
-    rnd = int(message.content.config_records[R.CONFIG]["server-round"])
-    rng = np.random.default_rng(1000 * pid + rnd)
-    trained = {k: (glob[k] + (0.002 * (pid + 1)) * rng.standard_normal(glob[k].shape)).astype(glob[k].dtype)
-               for k in travelling_names(glob, cfg.strategy, rnd)}
-    return glob, trained, TrainResult(loss=0.5 + 0.1 * pid, n_examples=site.train.n_windows, epochs=1, seconds=0.0,
-                                      windows_per_second=0.0)
-
-
-def fake_evaluate(model, windows, device="cpu", **kwargs):
-    return {"balanced_accuracy": 0.5, "cohen_kappa": 0.0, "macro_f1": 0.5, "auroc": 0.5, "n_windows": 4,
-            "confusion": [[1, 1], [1, 1]]}
 
 
 @pytest.fixture
