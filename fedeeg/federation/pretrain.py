@@ -30,7 +30,7 @@ from ..aggregation import UpdateRejected, check_update, weighted_average
 from ..pretrain import PretrainConfig, PretrainResult, build_pretrainer, pretrain_windows, steps_per_epoch, train_pretrainer
 from . import records as R
 from .client_app import CLIENT_ERROR_CODE, _set_threads, _site_index
-from .server_app import _broadcast, _wait_for_nodes
+from .server_app import _broadcast, _wait_for_nodes, server_app_for
 
 logger = logging.getLogger(__name__)
 
@@ -249,22 +249,13 @@ def make_pretrain_server_app(
     on_round : callable | None
         Progress callback.
     """
-    server = ServerApp()
+    def write(cfg: PretrainConfig, result: PretrainResult, wall_seconds: float) -> None:
+        from ..pretrain import write_pretrain_outputs
 
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        cfg = override if override is not None else PretrainConfig.from_mapping(dict(context.run_config))
-        sites = n_sites or (3 if cfg.dataset == "eegmat" and cfg.split == "year" else cfg.sites)
-        start = time.perf_counter()
-        result = run_pretrain_federation(grid, cfg, n_sites=sites, on_round=on_round)
-        if results is not None:
-            results.append(result)
-        elif cfg.out:  # `flwr run`: nobody else writes the checkpoint
-            from ..pretrain import write_pretrain_outputs
+        write_pretrain_outputs(cfg, result, wall_seconds=wall_seconds)
 
-            write_pretrain_outputs(cfg, result, wall_seconds=time.perf_counter() - start)
-
-    return server
+    return server_app_for(lambda context: override if override is not None else PretrainConfig.from_mapping(dict(context.run_config)),
+                          run_pretrain_federation, write, n_sites=n_sites, results=results, on_round=on_round)
 
 
 # ------------------------------------------------------------------------------------------- simulation

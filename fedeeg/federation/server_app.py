@@ -310,20 +310,47 @@ def make_server_app(
     on_round : callable | None
         Progress callback.
     """
+    def write(cfg: RunConfig, result: RunResult, wall_seconds: float) -> None:
+        from ..outputs import write_outputs
+
+        write_outputs(cfg, result, wall_seconds=wall_seconds)
+
+    return server_app_for(lambda context: override if override is not None else RunConfig.from_mapping(dict(context.run_config)),
+                          run_federation, write, n_sites=n_sites, results=results, on_round=on_round)
+
+
+def server_app_for(load_config: Callable, run: Callable, write: Callable, *, n_sites: int | None = None,
+                   results: list | None = None, on_round: Callable[[dict], None] | None = None) -> ServerApp:
+    """A ServerApp that loads its config, runs the federation and hands the result on (or writes it).
+
+    Parameters
+    ----------
+    load_config : callable
+        ``load_config(context) -> cfg`` (a RunConfig or PretrainConfig).
+    run : callable
+        ``run(grid, cfg, n_sites=..., on_round=...) -> result``.
+    write : callable
+        ``write(cfg, result, wall_seconds)``: used under ``flwr run`` (no
+        ``results`` list), where nobody else writes the outputs to ``cfg.out``.
+    n_sites : int | None
+        Sites to wait for; None = ``cfg.sites`` (3 for the eegmat year split).
+    results : list | None
+        The result is appended here (in-process callers).
+    on_round : callable | None
+        Progress callback.
+    """
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        cfg = override if override is not None else RunConfig.from_mapping(dict(context.run_config))
+        cfg = load_config(context)
         sites = n_sites or (3 if cfg.dataset == "eegmat" and cfg.split == "year" else cfg.sites)
         start = time.perf_counter()
-        result = run_federation(grid, cfg, n_sites=sites, on_round=on_round)
+        result = run(grid, cfg, n_sites=sites, on_round=on_round)
         if results is not None:
             results.append(result)
-        elif cfg.out:  # `flwr run .`: nobody else will write the outputs
-            from ..outputs import write_outputs
-
-            write_outputs(cfg, result, wall_seconds=time.perf_counter() - start)
+        elif cfg.out:
+            write(cfg, result, time.perf_counter() - start)
 
     return server
 
