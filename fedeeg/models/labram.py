@@ -467,6 +467,33 @@ def build_backbone(
     return model
 
 
+def state_dict_problems(own, state, not_tensors=(), new_prefixes=_NEW_PREFIXES) -> tuple[list[str], list[str]]:
+    """What stops ``state`` from loading into a model whose state dict is ``own``.
+
+    Keys starting with ``new_prefixes`` may be missing (a fresh head).
+
+    Returns
+    -------
+    problems : list of str
+        Phrases naming the missing keys, unexpected keys (``not_tensors``
+        included) and shape mismatches; empty when everything fits.
+    mismatched : list of str
+        The keys present on both sides with different shapes.
+    """
+    missing = [k for k in own if k not in state and not k.startswith(tuple(new_prefixes))]
+    unexpected = [k for k in state if k not in own] + list(not_tensors)
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" for k in mismatched]
+        problems.append(f"shape mismatches: {_listing(shapes)}")
+    return problems, mismatched
+
+
 def _checkpoint_file(path: str | Path) -> tuple[Path, str]:
     """The checkpoint's resolved path and SHA-256; clear errors when it is absent or unreadable."""
     path = Path(path).expanduser()
@@ -573,19 +600,8 @@ def load_checkpoint(model: LaBraM, path: str | Path, *, strict: bool = True) -> 
     state, not_tensors = _normalise_state_dict(_read_file(path), path)
 
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(_NEW_PREFIXES)]
-    unexpected = [k for k in state if k not in own] + not_tensors
-    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems, mismatched = state_dict_problems(own, state, not_tensors)
     new_missing = [k for k in own if k not in state and k.startswith(_NEW_PREFIXES)]
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if mismatched:
-        shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" for k in mismatched]
-        problems.append(f"shape mismatches: {_listing(shapes)}")
     if problems:
         hint = ""
         if "cls_token" in mismatched:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .._validation import check_option, check_range
-from .labram import _WRAPPER_KEYS, BACKBONES, LaBraM, _checkpoint_file, _listing, _read_file, build_backbone, load_checkpoint
+from .labram import (_WRAPPER_KEYS, BACKBONES, LaBraM, _checkpoint_file, _listing, _read_file, build_backbone,
+                     load_checkpoint, state_dict_problems)
 
 logger = logging.getLogger(__name__)
 
@@ -252,17 +253,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         logger.info("Checkpoint %s: dropped %d tensors (%s).", path.name, len(dropped), _listing(dropped))
     own = model.state_dict()
     kind = getattr(model, "backbone_name", None) or type(model).__name__
-    missing = [k for k in own if k not in state and not k.startswith(_NEW_PREFIXES)]
-    unexpected = [k for k in state if k not in own] + not_tensors
-    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if mismatched:
-        shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" for k in mismatched]
-        problems.append(f"shape mismatches: {_listing(shapes)}")
+    problems, mismatched = state_dict_problems(own, state, not_tensors, new_prefixes=_NEW_PREFIXES)
     if problems:
         summary = f"The checkpoint {str(path)!r} does not match the {kind} model: " + "; ".join(problems) + "."
         if mismatched and hasattr(model, "ch_names"):
