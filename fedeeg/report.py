@@ -47,7 +47,11 @@ class Run:
 
     @property
     def config(self) -> dict:
-        return dict(self.summary.get("config", {}))
+        """The run's settings. A setting its FedEEG version did not record yet takes today's default: every
+        setting added later defaults to the behaviour from before it existed."""
+        from .config import RunConfig
+
+        return {**RunConfig().to_dict(), **self.summary.get("config", {})}
 
 
 def load_runs(runs_dir: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Run]:

@@ -114,6 +114,19 @@ def test_groups_ignore_seed_and_paths(tmp_path):
     assert varying == [] and list(groups) == ["all runs"] and len(groups["all runs"]) == 2
 
 
+def test_run_from_an_older_version_groups_with_its_defaults(tmp_path):
+    # Prepare: two seeds of one setting; one summary was written before the `secure` and `personalise` settings existed
+    _write_run(tmp_path / "a", strategy="ffa", rank=2, seed=0, bal=0.6, sites={"s": 0.6}, up=1)
+    _write_run(tmp_path / "b", strategy="ffa", rank=2, seed=1, bal=0.7, sites={"s": 0.7}, up=1)
+    old = json.loads((tmp_path / "a" / "summary.json").read_text())
+    del old["config"]["secure"], old["config"]["personalise"]
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(old))
+    # Execute
+    varying, groups = group_runs(load_runs(tmp_path))
+    # Assert: one group of two seeds, no spurious "secure=None" setting
+    assert varying == [] and len(groups["all runs"]) == 2
+
+
 def test_unreadable_summary_is_skipped_with_a_warning(tmp_path, caplog):
     # Prepare
     _write_run(tmp_path / "ok", strategy="ffa", rank=2, seed=0, bal=0.6, sites={"s": 0.6}, up=1)
