@@ -92,7 +92,7 @@ def simulate(
     rounds: int = typer.Option(10, help="Federated rounds (centralized/local: blocks of --local-epochs)."),
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
     lora_rank: int = typer.Option(2, "--lora-rank", help="LoRA rank of qkv and MLP."),
-    lora_preset: str = typer.Option("paper", "--lora-preset", help="paper | attention | all-linear."),
+    lora_preset: str = typer.Option("paper", "--lora-preset", help="paper | attention | all-linear | qkv | mlp | convs | qkv+convs | mlp+convs (the seed study's target subsets)."),
     conv_rank: int = typer.Option(4, "--conv-rank", help="LoRA rank of the temporal convs (paper preset; 0 = none)."),
     backbone: str = typer.Option("labram-small", help="labram-small | labram-base | labram-large | labram-huge (LoRA); "
                                  "eegnet | eeg-inception | cbramod (baselines, --strategy full)."),

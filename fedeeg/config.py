@@ -25,7 +25,7 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean")
 FAIL_STAGES = ("train", "upload", "unmask")
 #: Norm bound of a secure run when ``clip`` is 0 (the fixed-point encoding needs one).
 SECURE_DEFAULT_CLIP = 100.0
-LORA_PRESETS = ("paper", "attention", "all-linear")
+LORA_PRESETS = ("paper", "attention", "all-linear", "qkv", "mlp", "convs", "qkv+convs", "mlp+convs")
 DEVICES = ("auto", "cpu", "cuda")
 #: Backbone names: the keys of :data:`fedeeg.models.BACKBONE_REGISTRY` (a test keeps them equal; listed here so
 #: that validating a config does not import torch).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_spec_validation_and_to_dict():
     assert LoraSpec().to_dict() == {"preset": "paper", "rank": 2, "alpha": 8.0, "dropout": 0.5, "conv_rank": 4, "target_modules": None}
     assert LoraSpec(conv_rank=0).conv_rank is None
     assert LoraSpec(preset="custom", target_modules=["attn.proj"]).target_modules == ("attn.proj",)
-    with pytest.raises(ValueError, match="'paper', 'attention', 'all-linear', 'custom'"):
+    with pytest.raises(ValueError, match=re.escape("'paper', 'attention', 'all-linear', 'qkv', 'mlp', 'convs', 'qkv+convs', 'mlp+convs', 'custom', but got 'everything'")):
         LoraSpec(preset="everything")
     with pytest.raises(ValueError, match="needs 'target_modules'"):
         LoraSpec(preset="custom")
@@ -72,6 +73,13 @@ def test_spec_validation_and_to_dict():
         (LoraSpec(preset="attention"), {"attn.qkv", "attn.proj"}),
         (LoraSpec(preset="all-linear"), {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}),
         (LoraSpec(preset="custom", target_modules=("mlp.fc2", "patch_embed.conv1")), {"mlp.fc2", "patch_embed.conv1"}),
+        # the seed study's target subsets
+        (LoraSpec(preset="qkv"), {"attn.qkv"}),
+        (LoraSpec(preset="mlp"), {"mlp.fc1", "mlp.fc2"}),
+        (LoraSpec(preset="convs"), {"patch_embed.conv1", "patch_embed.conv2", "patch_embed.conv3"}),
+        (LoraSpec(preset="qkv+convs"), {"attn.qkv", "patch_embed.conv1", "patch_embed.conv2", "patch_embed.conv3"}),
+        (LoraSpec(preset="mlp+convs"), {"mlp.fc1", "mlp.fc2", "patch_embed.conv1", "patch_embed.conv2",
+                                        "patch_embed.conv3"}),
     ],
 )
 def test_presets_target_the_right_modules(spec, suffixes):
@@ -84,6 +92,21 @@ def test_presets_target_the_right_modules(spec, suffixes):
     per_block = len([s for s in suffixes if not s.startswith("patch_embed")])
     assert len([n for n in names if n.startswith("blocks.")]) == 4 * per_block
     assert not any(n.startswith(("head", "fc_norm")) for n in names)
+
+
+def test_conv_presets_need_a_conv_rank():
+    # Execute / Assert: the error names the preset, the parameter and what to give
+    with pytest.raises(ValueError, match=r"preset='convs'.*'conv_rank'.*conv_rank >= 1"):
+        LoraSpec(preset="convs", conv_rank=0)
+
+
+def test_conv_adapters_of_subset_presets_take_conv_rank():
+    # Execute
+    model = _small_lora(LoraSpec(preset="mlp+convs", rank=2, conv_rank=4))
+    # Assert: Linear adapters at rank 2, convolution adapters at conv_rank 4
+    ranks = {n: a.shape[0] for n, (a, _) in lora_pairs(model).items()}
+    assert {r for n, r in ranks.items() if n.startswith("blocks.")} == {2}
+    assert {r for n, r in ranks.items() if n.startswith("patch_embed")} == {4}
 
 
 def test_custom_target_that_matches_nothing_is_an_error():

@@ -21,14 +21,22 @@ from .._validation import check_option, check_range
 logger = logging.getLogger(__name__)
 
 #: Names of the LoRA presets.
-LORA_PRESETS = ("paper", "attention", "all-linear", "custom")
+LORA_PRESETS = ("paper", "attention", "all-linear", "qkv", "mlp", "convs", "qkv+convs", "mlp+convs", "custom")
 
 #: Regular expressions (peft ``re.fullmatch`` on module names) of the presets' Linear targets.
 _LINEAR_TARGETS = {
     "paper": r"blocks\.\d+\.(?:attn\.qkv|mlp\.fc1|mlp\.fc2)",
     "attention": r"blocks\.\d+\.attn\.(?:qkv|proj)",
     "all-linear": r"blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))",
+    # the target subsets of the seed study: the paper preset's parts alone or paired with the convolutions
+    "qkv": r"blocks\.\d+\.attn\.qkv",
+    "mlp": r"blocks\.\d+\.mlp\.(?:fc1|fc2)",
+    "convs": None,
+    "qkv+convs": r"blocks\.\d+\.attn\.qkv",
+    "mlp+convs": r"blocks\.\d+\.mlp\.(?:fc1|fc2)",
 }
+#: Presets whose convolution adapters are always on (at ``conv_rank``), and the paper preset's optional ones.
+_WITH_CONVS = ("convs", "qkv+convs", "mlp+convs")
 #: The temporal convolutions (paper preset, at ``conv_rank``).
 _CONV_TARGETS = r"patch_embed\.conv[123]"
 #: Trained in full next to the adapters, never adapted.
@@ -47,6 +55,10 @@ class LoraSpec:
         ``mlp.fc1`` and ``mlp.fc2`` at ``rank``, plus ``patch_embed.conv1/2/3``
         at ``conv_rank``; ``attn.proj`` stays frozen. ``'attention'``: ``attn.qkv``
         and ``attn.proj``. ``'all-linear'``: ``qkv``, ``proj``, ``fc1``, ``fc2``.
+        The seed study's target subsets: ``'qkv'`` (``attn.qkv``), ``'mlp'``
+        (``mlp.fc1``/``fc2``), ``'convs'`` (``patch_embed.conv1/2/3`` at
+        ``conv_rank``), ``'qkv+convs'`` and ``'mlp+convs'``; ``'paper'`` is
+        qkv + MLP + convs, and with ``conv_rank=0`` qkv + MLP.
         ``'custom'``: the modules in ``target_modules``.
     rank : int
         LoRA rank of the Linear layers (and of every custom target).
@@ -59,8 +71,9 @@ class LoraSpec:
     dropout : float
         Dropout on the adapters' input, in [0, 1).
     conv_rank : int | None
-        Rank of the temporal-convolution adapters in the ``'paper'`` preset;
-        None (or 0) for no conv LoRA. Ignored by the other presets.
+        Rank of the temporal-convolution adapters in the ``'paper'`` preset
+        (None or 0: none) and in the ``*convs`` presets (required there).
+        Ignored by the other presets.
     target_modules : tuple of str | None
         Required iff ``preset == 'custom'``: module names or name suffixes
         (peft semantics: ``'qkv'`` matches every ``blocks.N.attn.qkv``), of
@@ -88,6 +101,9 @@ class LoraSpec:
             check_range("conv_rank", self.conv_rank, low=0, kind=int)
             if self.conv_rank == 0:
                 object.__setattr__(self, "conv_rank", None)
+        if self.preset in _WITH_CONVS and self.conv_rank is None:
+            raise ValueError(f"preset={self.preset!r} adapts the temporal convolutions at 'conv_rank', which is 0/None; "
+                             "give conv_rank >= 1 (e.g. 4, the paper's) or choose a preset without convs.")
         if self.preset == "custom":
             if self.target_modules is None or isinstance(self.target_modules, str) or len(self.target_modules) == 0:
                 raise ValueError(
@@ -121,7 +137,9 @@ class LoraSpec:
         if self.preset == "custom":
             return list(self.target_modules), {}
         linear = _LINEAR_TARGETS[self.preset]
-        if self.preset == "paper" and self.conv_rank is not None:
+        if linear is None:  # convolutions only
+            return _CONV_TARGETS, {_CONV_TARGETS: self.conv_rank}
+        if self.preset in _WITH_CONVS or (self.preset == "paper" and self.conv_rank is not None):
             return f"(?:{linear})|(?:{_CONV_TARGETS})", {_CONV_TARGETS: self.conv_rank}
         return linear, {}
 
