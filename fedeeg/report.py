@@ -97,16 +97,21 @@ def group_runs(runs: list[Run]) -> tuple[list[str], dict[str, list[Run]]]:
         The config keys whose values differ across runs (the table's
         distinguishing settings), in config order.
     groups : dict
-        ``"key=value, key=value"`` (or ``"all runs"``) -> runs, in order of
-        first appearance.
+        ``"key=value, key=value"`` (or ``"all runs"``) -> runs, ordered by
+        the varying settings (numbers by value).
     """
     keys: list[str] = []
     for run in runs:
         keys.extend(k for k in run.config if k not in keys)
     varying = [k for k in keys if k not in IGNORED_KEYS
                and len({_hashable(r.config.get(k)) for r in runs}) > 1]
+    def order(run: Run) -> tuple:  # by the varying settings, numbers by value (rank 2 before rank 16)
+        values = [run.config.get(k) for k in varying]
+        return tuple((0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+                     for v in values)
+
     groups: dict[str, list[Run]] = {}
-    for run in runs:
+    for run in sorted(runs, key=order):
         label = ", ".join(f"{k}={run.config.get(k)}" for k in varying) or "all runs"
         groups.setdefault(label, []).append(run)
     return varying, groups

@@ -114,6 +114,16 @@ def test_groups_ignore_seed_and_paths(tmp_path):
     assert varying == [] and list(groups) == ["all runs"] and len(groups["all runs"]) == 2
 
 
+def test_groups_are_ordered_by_setting_with_numbers_by_value(tmp_path):
+    # Prepare: folder names that sort "16" before "2" as text
+    for rank in (16, 2, 1):
+        _write_run(tmp_path / f"ffa-rank-{rank}", strategy="ffa", rank=rank, seed=0, bal=0.6, sites={"s": 0.6}, up=1)
+    # Execute
+    varying, groups = group_runs(load_runs(tmp_path))
+    # Assert
+    assert varying == ["lora_rank"] and list(groups) == ["lora_rank=1", "lora_rank=2", "lora_rank=16"]
+
+
 def test_run_from_an_older_version_groups_with_its_defaults(tmp_path):
     # Prepare: two seeds of one setting; one summary was written before the `secure` and `personalise` settings existed
     _write_run(tmp_path / "a", strategy="ffa", rank=2, seed=0, bal=0.6, sites={"s": 0.6}, up=1)
