@@ -333,6 +333,8 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = No
     varying, groups = group_runs(runs)
     rows = summarise(groups)
     out.mkdir(parents=True, exist_ok=True)
+    if title and not title.startswith("#"):
+        title = f"# {title}"
     text = markdown_table(rows, title=title or f"# FedEEG report: {len(runs)} runs in {len(rows)} groups ({runs_dir})")
     (out / "report.md").write_text(text, encoding="utf-8")
     (out / "report.json").write_text(json.dumps({"varying": varying, "rows": rows}, indent=2, default=str) + "\n",
