@@ -160,18 +160,6 @@ def test_simulate_scenario_explicit_options_override(tiny, tmp_path):
     assert (summary["rounds"], summary["seed"], summary["mode"], summary["config"]["window_seconds"]) == (1, 2, "centralized", 1.0)
 
 
-def test_simulate_scenario_refuses_settings_it_would_ignore():
-    # Execute
-    res = CliRunner().invoke(app, ["simulate", "--scenario", "synthetic-100"])
-    # Assert
-    from fedeeg.config import RunConfig
-
-    if hasattr(RunConfig(), "sites_per_round"):
-        pytest.skip("issue 7 is integrated: the scenario runs")
-    assert res.exit_code == 2
-    assert "sites_per_round=10" in res.output and "needs the lead's integration" in " ".join(res.output.split())
-
-
 def test_sweep_cli_dry_run_lists_cells(tiny, tmp_path):
     # Prepare
     runs = tmp_path / "runs"
