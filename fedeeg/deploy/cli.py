@@ -176,14 +176,16 @@ def site_revoke(
     reason: str = typer.Option("", "--reason"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """At the coordinator: refuse a site's key from the next `fedeeg server start` on."""
+    """At the coordinator: refuse a site's key. A running server stops asking the site from its next round; the
+    SuperLink refuses its connection (and a secure run's roster drops it) from the next `fedeeg server start`."""
     try:
         from .registry import SiteRegistry
 
         entry = SiteRegistry(_registry_path(registry, config)).revoke(name, reason=reason)
     except _ERRORS as exc:
         _fail(exc, debug)
-    typer.echo(f"revoked {entry.name} ({entry.fingerprint}); restart the server for it to take effect")
+    typer.echo(f"revoked {entry.name} ({entry.fingerprint}); a running server stops asking it from its next round; "
+               "its connection is refused from the next server start (secure runs: make and send the roster again)")
 
 
 @site_app.command("roster")
