@@ -87,3 +87,76 @@ def test_pretraining_runs_on_cuda_with_bf16(monkeypatch):
     assert devices == ["cuda"]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     print(f"pretraining: {result.history[-1]['windows_per_second']:.0f} windows/s")
+
+
+@pytest.mark.parametrize("shape", [(64, 10, 77, 20), (8, 5, 5, 20), (4, 3, 128, 64), (16, 2, 33, 8)])
+def test_short_attention_kernel_matches_sdpa_forward_and_backward(shape):
+    # Prepare: fresh random inputs, non-contiguous q/k/v as in LaBraM (views of one qkv tensor)
+    import torch.nn.functional as F
+
+    from fedeeg.models._short_attention import short_attention, short_attention_supported
+
+    B, H, T, D = shape
+    gen = torch.Generator(device="cuda").manual_seed(sum(shape))
+    qkv = torch.randn(B, T, 3, H, D, device="cuda", generator=gen).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+    grad = torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = D**-0.5
+    assert short_attention_supported(q, k, v)
+    # Execute
+    out = short_attention(q, k, v, scale)  # (B, T, H, D)
+    out.backward(grad)
+    ref = F.scaled_dot_product_attention(qr, kr, vr, scale=scale).transpose(1, 2)  # float64 reference
+    ref.backward(grad.double())
+    # Assert: bf16 operands, float32 accumulation -> relative error well under 2e-2, every element written
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    assert out.shape == (B, T, H, D) and torch.isfinite(out).all()
+    assert rel(out, ref) < 2e-2
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        assert rel(got, want) < 3e-2
+
+
+def test_labram_uses_the_short_attention_kernel_under_autocast_and_compile():
+    # Prepare
+    from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab
+    from fedeeg.models import _short_attention as sa
+    from fedeeg.models import build_backbone
+
+    ch = to_vocab(EEGMAT_CHANNELS)
+    model = build_backbone("labram-base", seed=0).cuda().eval()
+    x = torch.randn(16, len(ch), 800, device="cuda") * 0.2
+    # Execute
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = model(x, ch).float()
+        compiled = torch.compile(model)(x, ch).float()
+        sa.ENABLED = False
+        try:
+            torch._dynamo.reset()
+            sdpa = model(x, ch).float()
+        finally:
+            sa.ENABLED = True
+    # Assert: the same logits (bf16 rounding) with and without the kernel
+    assert float((fused - sdpa).abs().max()) < 2e-2 * float(sdpa.abs().max()) + 1e-3
+    assert float((compiled - sdpa).abs().max()) < 2e-2 * float(sdpa.abs().max()) + 1e-3
+
+
+def test_train_epochs_keeps_a_sites_windows_on_the_gpu_between_calls():
+    # Prepare
+    from fedeeg.data import make_synthetic_sites
+    from fedeeg.training import _windows_on_device, release_device_cache
+
+    windows = make_synthetic_sites(1, subjects_per_site=4, seed=0)[0].windows
+    release_device_cache()
+    # Execute
+    X1, y1 = _windows_on_device(windows, torch.device("cuda"))
+    X2, y2 = _windows_on_device(windows, torch.device("cuda"))
+    # Assert: one copy, the same values, and the host arrays can no longer change under it
+    assert X1.data_ptr() == X2.data_ptr() and y1.data_ptr() == y2.data_ptr()
+    assert np.array_equal(X1.cpu().numpy(), windows.X)
+    with pytest.raises(ValueError):
+        windows.X[0, 0, 0] = 1.0
+    release_device_cache()

@@ -27,6 +27,7 @@ from torch import nn
 
 from .._hashing import sha256_file
 from .._validation import check_option, check_range
+from ._short_attention import short_attention, short_attention_supported
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +189,12 @@ class Attention(nn.Module):
         # LayerNorm runs in float32 under autocast: bring q, k back to v's dtype.
         q = self.q_norm(q).type_as(v)
         k = self.k_norm(k).type_as(v)
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (batch, num_heads, n_tokens, head_dim)
-        x = x.transpose(1, 2).reshape(batch, n_tokens, dim)  # (batch, n_tokens, embed_dim)
+        if short_attention_supported(q, k, v):  # CUDA, bf16/fp16, <= 128 tokens: one fused Triton kernel
+            x = short_attention(q, k, v, self.scale)  # (batch, n_tokens, num_heads, head_dim)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (batch, num_heads, n_tokens, head_dim)
+            x = x.transpose(1, 2)  # (batch, n_tokens, num_heads, head_dim)
+        x = x.reshape(batch, n_tokens, dim)  # (batch, n_tokens, embed_dim)
         return self.proj(x)  # (batch, n_tokens, embed_dim)
 
 
