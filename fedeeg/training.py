@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._validation import check_option
 from .data.base import WindowSet
 from .metrics import compute_metrics
 
@@ -61,6 +63,63 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
+#: Windows kept on a GPU between calls: at most this fraction of the device's memory.
+_DEVICE_CACHE_FRACTION = 0.25
+#: The one cached entry: (key, weak reference to the host array, X on the device, y on the device).
+_device_cache: list = []
+
+
+def _windows_on_device(windows: WindowSet, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, y)`` of the windows on ``dev``; on a GPU, the copy is kept for the next call.
+
+    A site trains on the same windows every round: on CUDA the last windows
+    copied are kept on the device (if they take at most a quarter of its
+    memory), so later rounds skip the host-to-device copy. The cached copy is
+    used only for the very same host arrays, which are made read-only so that
+    an in-place change cannot leave a stale copy behind (it raises instead).
+    """
+    if dev.type != "cuda":
+        return torch.from_numpy(windows.X), torch.from_numpy(windows.y)
+    X_host, y_host = windows.X, windows.y
+    key = (id(X_host), X_host.shape, X_host.dtype.str, id(y_host), y_host.shape, str(dev))
+    if _device_cache:
+        ckey, ref, X_dev, y_dev = _device_cache[0]
+        if ckey == key and ref() is X_host and not X_host.flags.writeable and not y_host.flags.writeable:
+            return X_dev, y_dev
+    _device_cache.clear()
+    X_dev = torch.from_numpy(X_host).to(dev, non_blocking=True)
+    y_dev = torch.from_numpy(y_host).to(dev, non_blocking=True)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if X_host.nbytes + y_host.nbytes <= _DEVICE_CACHE_FRACTION * total:
+        try:
+            ref = weakref.ref(X_host)
+        except TypeError:  # a view of a non-owning buffer: do not cache
+            return X_dev, y_dev
+        X_host.flags.writeable = False
+        y_host.flags.writeable = False
+        _device_cache.append((key, ref, X_dev, y_dev))
+    return X_dev, y_dev
+
+
+def release_device_cache() -> None:
+    """Drop the windows kept on the GPU by :func:`train_epochs`."""
+    _device_cache.clear()
+
+
+#: The modes ``train_epochs(compile=...)`` accepts besides True/False.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
+    """``model`` itself, or wrapped by ``torch.compile`` in the given mode."""
+    if compile is False or compile is None:
+        return model
+    if compile is True:
+        return torch.compile(model)
+    check_option("compile", compile, COMPILE_MODES)
+    return torch.compile(model, mode=compile)
+
+
 def train_epochs(
     model: nn.Module,
     windows: WindowSet,
@@ -73,7 +132,7 @@ def train_epochs(
     seed: int = 0,
     amp: bool = True,
     max_grad_norm: float = 1.0,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> TrainResult:
     """Train the model's trainable parameters with AdamW and a class-balanced loss.
 
@@ -99,9 +158,11 @@ def train_epochs(
         Mixed precision (bf16) on CUDA.
     max_grad_norm : float
         Gradient clipping norm.
-    compile : bool
+    compile : bool | str
         Run the forward pass through ``torch.compile`` (pays on GPUs for
-        long runs; the first steps then include compilation).
+        long runs; the first steps then include compilation). A string is
+        the compile mode: ``'default'``, ``'reduce-overhead'`` (CUDA graphs),
+        ``'max-autotune'`` or ``'max-autotune-no-cudagraphs'``.
 
     Returns
     -------
@@ -117,16 +178,17 @@ def train_epochs(
     model.to(dev).train()
     # The fused CUDA kernel updates all parameters in one launch.
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=dev.type == "cuda")
-    forward = torch.compile(model) if compile else model
+    forward = _compiled(model, compile)
     criterion = nn.CrossEntropyLoss(weight=class_weights(windows.y, n_classes).to(dev))
-    # Data on the device ahead of the steps; no host syncs inside the loop.
-    X = torch.from_numpy(windows.X).to(dev, non_blocking=True)
-    y = torch.from_numpy(windows.y).to(dev, non_blocking=True)
+    # Data on the device ahead of the steps (kept there between calls on a GPU); no host syncs inside the loop.
+    X, y = _windows_on_device(windows, dev)
     ch_names = list(windows.ch_names)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     total_loss = torch.zeros((), device=dev)
     n_steps = 0
+    if dev.type == "cuda":  # windows/s counts the steps, not a first round's host-to-device copy
+        torch.cuda.synchronize(dev)
     start = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(windows.n_windows, generator=gen).to(dev)

@@ -11,8 +11,10 @@ backbone (same seed, same data, same batch) is trained
 
 and the windows/s of both, their ratio and the peak GPU memory are printed and
 saved to ``simulations/results/bench_train_speed_<device>.json`` and ``.md``.
-Warm-up steps (kernel selection, compilation) are excluded from both timings;
-the copy of the timed windows to the device is included in both.
+Warm-up steps (kernel selection, compilation) are excluded from both timings,
+and so is the copy of the windows to the device: both loops train on windows
+already on the device, as a site does after its first round (``train_epochs``
+keeps a site's windows on the GPU between calls).
 
 Input: LaBraM-Base by default, 19 channels x 4 s at 200 Hz (random data of the
 model's scale; throughput does not depend on the values).
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from fedeeg.data.base import WindowSet  # noqa: E402
 from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
 from fedeeg.models import LoraSpec, apply_lora, build_backbone  # noqa: E402
-from fedeeg.training import _autocast, train_epochs  # noqa: E402
+from fedeeg.training import _autocast, _windows_on_device, train_epochs  # noqa: E402
 
 LR = {"lora": 5e-3, "full": 5e-4}
 
@@ -56,7 +58,8 @@ def make_model(backbone: str, mode: str, seed: int) -> nn.Module:
     model = build_backbone(backbone, n_outputs=2, seed=seed)
     if mode == "full":
         return model
-    return apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=0.5, conv_rank=4), freeze_a=False, seed=seed)
+    model = apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=0.5, conv_rank=4), freeze_a=False, seed=seed)
+    return model
 
 
 def make_windows(n: int, n_times: int, seed: int) -> WindowSet:
@@ -75,16 +78,18 @@ def sync(dev: torch.device) -> None:
 def bare_loop(model: nn.Module, windows: WindowSet, batch: int, steps: int, warmup: int, lr: float, dev: torch.device, compile_: bool) -> float:
     """Windows/s of the plainest training loop on the same data."""
     model.to(dev).train()
-    fwd = torch.compile(model) if compile_ else model
+    fwd = (torch.compile(model, mode=None if compile_ is True else compile_) if compile_ else model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ch_names = list(windows.ch_names)
     crit = nn.CrossEntropyLoss()
 
+    # The data are on the device before the timed steps, as in train_epochs (which keeps a site's windows there).
+    X_all = torch.from_numpy(windows.X[: max(steps, warmup) * batch]).to(dev)
+    y_all = torch.from_numpy(windows.y[: max(steps, warmup) * batch]).to(dev)
+
     def run(n_steps: int) -> None:
-        # The data goes to the device once per call, as in train_epochs (timed in both).
-        X = torch.from_numpy(windows.X[: n_steps * batch]).to(dev)
-        y = torch.from_numpy(windows.y[: n_steps * batch]).to(dev)
+        X, y = X_all[: n_steps * batch], y_all[: n_steps * batch]
         order = torch.randperm(n_steps * batch, device=dev)
         for i in range(n_steps):
             idx = order[i * batch : (i + 1) * batch]
@@ -107,6 +112,7 @@ def ours(model: nn.Module, windows: WindowSet, batch: int, steps: int, warmup: i
     warm = windows.subset(np.arange(batch * warmup))
     train_epochs(model, warm, epochs=1, lr=lr, batch_size=batch, device=dev, seed=1, compile=compile_)
     timed = windows.subset(np.arange(batch * steps))
+    _windows_on_device(timed, dev)  # as in a later round: the site's windows are already on the device
     res = train_epochs(model, timed, epochs=1, lr=lr, batch_size=batch, device=dev, seed=2, compile=compile_)
     return res.windows_per_second
 
@@ -137,6 +143,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     p.add_argument("--seconds", type=float, default=4.0, help="window length in seconds")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (implies --compile)")
+    p.add_argument("--attention", choices=["fused", "sdpa"], default="fused",
+                   help="LaBraM attention on CUDA: FedEEG's fused short-sequence kernel (default) or F.scaled_dot_product_attention")
+    p.add_argument("--attn-warps", type=int, default=None, help="warps per program of the fused attention kernel")
     p.add_argument("--order", choices=["bare-first", "ours-first"], default="bare-first")
     p.add_argument("--out", type=Path, default=ROOT / "simulations" / "results")
     p.add_argument("--tag", default=None, help="suffix of the output files (default: the device type)")
@@ -144,6 +155,12 @@ def main() -> None:
     args = p.parse_args()
 
     dev = torch.device(args.device)
+    from fedeeg.models import _short_attention
+
+    _short_attention.ENABLED = args.attention == "fused"
+    _short_attention.NUM_WARPS = args.attn_warps
+    if args.compile_mode:
+        args.compile = True if args.compile_mode == "default" else args.compile_mode
     # Every measurement compiles a fresh model: lift dynamo's per-function recompile limit (default 8).
     torch._dynamo.config.cache_size_limit = 64
     if dev.type == "cuda":
@@ -191,6 +208,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "compile": args.compile,
+        "attention": args.attention,
         "command": " ".join(["python", "simulations/bench_train_speed.py", *sys.argv[1:]]),
     }
     (args.out / f"bench_train_speed_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

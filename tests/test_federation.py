@@ -318,3 +318,13 @@ def test_site_refuses_a_backbone_checkpoint_other_than_the_coordinators(tmp_path
     with pytest.raises(ValueError, match="has none"):
         R.check_backbone(config, "")
     R.check_backbone(R.round_config(1, ""), "")  # no checkpoint on either side: nothing to check
+
+
+def test_train_epochs_names_the_compile_modes_on_a_bad_one():
+    # Prepare
+    from fedeeg.training import _compiled
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="'compile'.*reduce-overhead.*got 'fast'"):
+        _compiled(torch.nn.Linear(2, 2), "fast")
+    assert _compiled(torch.nn.Linear(2, 2), False).__class__ is torch.nn.Linear
