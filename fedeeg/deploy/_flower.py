@@ -9,7 +9,8 @@ Two additions to Flower's own ``flower-superlink``/``flower-supernode``:
   ClientApp works) are capped at ``$FEDEEG_SUPERNODE_POLL`` seconds (default
   0.25): with Flower's values a round (train + evaluate) spends up to ~7 s
   waiting. Only for flwr 1.42 (the version FedEEG pins); with another layout
-  the SuperNode runs unchanged and a line on stderr says so.
+  the SuperNode runs unchanged and a line on stderr says so;
+- log lines carry the time (millisecond resolution) and no colour codes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def _shorter_supernode_poll(poll: float) -> bool:
     return True
 
 
+def _timestamped_logs() -> None:
+    """Flower's log lines with the time and without colour codes: they go to a log file an operator reads."""
+    try:
+        from flwr.supercore.logger import update_console_handler
+    except ImportError:  # another flwr layout: its own format
+        return
+    update_console_handler(timestamps=True, colored=False)
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("superlink", "supernode"):
         sys.stderr.write("usage: python -m fedeeg.deploy._flower {superlink,supernode} [FLOWER ARGS]\n")
@@ -57,6 +67,7 @@ def main() -> None:
     if which == "supernode" and poll > 0:  # 0: Flower's own waits (benchmarks)
         if not _shorter_supernode_poll(poll):
             sys.stderr.write("fedeeg: this flwr version's SuperNode could not be given a shorter poll; it runs unchanged.\n")
+    _timestamped_logs()
     if which == "supernode":
         from flwr.supernode.cli import flower_supernode as entry
     else:

@@ -209,6 +209,7 @@ class ClientWorker:
         context, message, replied = None, None, False
         status, details = SubStatus.FAILED, "FedEEG ClientApp failed"
         try:
+            t_task = time.time()
             message, context, run, _fab = pull_task_input(client)
             t_in = time.time()
             problem = app_mismatch(run.fab_id, run.fab_version)
@@ -235,8 +236,9 @@ class ClientWorker:
                     else:
                         reply = handle(message, context, cfg, action)
             logger.info("run %s round %s: %s answered in %.1f s (the message reached this site %.1f s after the "
-                        "coordinator sent it)", run.run_id, message.metadata.group_id, message.metadata.message_type,
-                        time.perf_counter() - t0, t_in - message.metadata.created_at)
+                        "coordinator sent it; the SuperNode had it for %.2f s, pulling it took %.2f s)", run.run_id,
+                        message.metadata.group_id, message.metadata.message_type, time.perf_counter() - t0,
+                        t_in - message.metadata.created_at, t_task - message.metadata.created_at, t_in - t_task)
             if self.capture is not None:
                 self.capture(reply)
             push_message(client, reply, context)
