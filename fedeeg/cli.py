@@ -88,7 +88,7 @@ def simulate(
     split: str = typer.Option("year", help="eegmat: year (3 sites by recording year) | subject (round-robin)."),
     test_fraction: float = typer.Option(0.34, "--test-fraction", help="Fraction of subjects held out inside every site."),
     mode: str = typer.Option("federated", help="federated | centralized | local (same model, same budget)."),
-    strategy: str = typer.Option("fedit", help="ffa (LoRA, A frozen: exact) | fedit (LoRA A and B averaged) | rolora (LoRA B and A trained in alternate rounds: exact) | full (full fine-tuning)."),
+    strategy: str = typer.Option("fedit", help="ffa (LoRA, A frozen: exact) | fedit (LoRA A and B averaged) | rolora (LoRA B and A trained in alternate rounds: exact) | full (full fine-tuning) | head (frozen backbone, only the head trains: a linear probe)."),
     rounds: int = typer.Option(10, help="Federated rounds (centralized/local: blocks of --local-epochs)."),
     local_epochs: int = typer.Option(2, "--local-epochs", help="Local epochs per round."),
     lora_rank: int = typer.Option(2, "--lora-rank", help="LoRA rank of qkv and MLP."),
@@ -98,7 +98,7 @@ def simulate(
                                  "eegnet | eeg-inception | cbramod (baselines, --strategy full)."),
     checkpoint: str = typer.Option("", help="Backbone checkpoint (official LaBraM .pth, state dict or .safetensors; "
                                    "`fedeeg pretrain` writes one)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: ffa 1e-2, fedit 5e-3, full 5e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: ffa 1e-2, fedit 5e-3, full 5e-4, head 5e-3)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     window_seconds: float = typer.Option(4.0, "--window-seconds", help="Window length in 1-s patches."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

@@ -18,7 +18,9 @@ from ._validation import check_option, check_range, coerce_scalar, dataclass_kwa
 DATASETS = ("synthetic", "eegmat", "folder")
 SPLITS = ("year", "subject")
 MODES = ("federated", "centralized", "local")
-STRATEGIES = ("ffa", "fedit", "full", "rolora")
+STRATEGIES = ("ffa", "fedit", "full", "rolora", "head")
+#: Strategies without LoRA adapters: the plain backbone trains (all of it, or only its head).
+NO_LORA_STRATEGIES = ("full", "head")
 #: Server-side merge rules; the robust ones need each update in the clear (not with ``secure``).
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Stages at which ``fail_sites`` sites fail in simulation (``unmask`` only exists with ``secure``).
@@ -36,7 +38,7 @@ LORA_BACKBONES = ("labram-small", "labram-base", "labram-large", "labram-huge")
 OPTIONAL_BACKBONES = {"cbramod": ("braindecode", "fedeeg[braindecode]")}
 
 #: Default learning rates: LoRA adapters take a larger step than full fine-tuning.
-DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4, "rolora": 1e-2}
+DEFAULT_LR = {"ffa": 1e-2, "fedit": 5e-3, "full": 5e-4, "rolora": 1e-2, "head": 5e-3}
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,15 @@ class RunConfig:
         Federated over Flower, one model on the pooled training data, or one
         model per site on its own data. All three train the same model for the
         same number of epochs (``rounds * local_epochs``).
-    strategy : {"ffa", "fedit", "full", "rolora"}
+    strategy : {"ffa", "fedit", "full", "rolora", "head"}
         ``ffa``: LoRA with A frozen from the shared seed, only B and the head
         train (exact under averaging). ``fedit``: LoRA A and B both train and
         are averaged separately. ``full``: full fine-tuning (the baseline).
         ``rolora``: A and B train in alternate rounds (B and the head in odd
         rounds, A and the head in even rounds; only those travel), each round
-        exact under averaging.
+        exact under averaging. ``head``: the backbone stays frozen and only
+        its ``fc_norm`` and ``head`` train and travel (a linear probe of the
+        pooled features; LaBraM backbones only).
     rounds, local_epochs : int
         Federated rounds and local epochs per round.
     backbone : str
@@ -246,7 +250,7 @@ class RunConfig:
             raise ValueError(
                 f"The backbone {self.backbone!r} is a baseline without LoRA adapters (it trains in full), so "
                 f"strategy={self.strategy!r} does not apply: use strategy='full' (--strategy full), or a LaBraM "
-                f"backbone ({', '.join(LORA_BACKBONES)}) for LoRA."
+                f"backbone ({', '.join(LORA_BACKBONES)}) for LoRA or a head-only probe."
             )
         if self.backbone in OPTIONAL_BACKBONES:
             import importlib.util
@@ -396,7 +400,7 @@ class RunConfig:
 
     @property
     def uses_lora(self) -> bool:
-        return self.strategy != "full"
+        return self.strategy not in NO_LORA_STRATEGIES
 
     @property
     def total_epochs(self) -> int:

@@ -342,14 +342,17 @@ def build_model(
     Returns
     -------
     model : nn.Module
-        A peft model (``ffa``/``fedit``) or the plain backbone with every
-        parameter trainable (``full``).
+        A peft model (``ffa``/``fedit``/``rolora``), the plain backbone with
+        every parameter trainable (``full``), or with only ``fc_norm`` and
+        ``head`` trainable (``head``).
     """
     from .models import BACKBONE_REGISTRY, apply_lora, load_backbone
+    from .models.lora import MODULES_TO_SAVE
 
     entry = BACKBONE_REGISTRY[cfg.backbone]
     if cfg.strategy != "full" and not entry.supports_lora:
-        raise ValueError(f"The backbone {cfg.backbone!r} has no LoRA adapters: use strategy='full', got {cfg.strategy!r}.")
+        raise ValueError(f"The backbone {cfg.backbone!r} has no LoRA adapters (nor a LaBraM head): use strategy='full', "
+                         f"got {cfg.strategy!r}.")
     spec = preprocess_spec(cfg)
     if entry.fixed_input and (ch_names is None or n_times is None):
         default_chs, default_n_times = run_input(cfg)
@@ -361,6 +364,10 @@ def build_model(
     if cfg.strategy == "full":
         for p in backbone.parameters():
             p.requires_grad_(True)
+        return backbone
+    if cfg.strategy == "head":  # a linear probe: only fc_norm and head train (and travel)
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(name.split(".")[0] in MODULES_TO_SAVE)
         return backbone
     return apply_lora(backbone, lora_spec(cfg), freeze_a=cfg.strategy == "ffa", seed=cfg.seed)
 

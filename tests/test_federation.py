@@ -328,3 +328,30 @@ def test_train_epochs_names_the_compile_modes_on_a_bad_one():
     with pytest.raises(ValueError, match="'compile'.*reduce-overhead.*got 'fast'"):
         _compiled(torch.nn.Linear(2, 2), "fast")
     assert _compiled(torch.nn.Linear(2, 2), False).__class__ is torch.nn.Linear
+
+
+def test_head_strategy_sends_and_trains_only_the_head():
+    # Prepare
+    from fedeeg.federation import records as R
+    from fedeeg.federation.client_app import handle
+
+    cfg = RunConfig(strategy="head", **SMALL)
+    message, model = _train_message(cfg)
+    frozen_before = {k: v.detach().clone() for k, v in model.named_parameters() if not k.startswith(("fc_norm.", "head."))}
+    # Execute: what a site sends back, and a local training of the same model
+    reply = handle(message, _context(0), cfg, "train")
+    from fedeeg.training import train_epochs
+
+    train_epochs(model, prepare_sites(cfg)[0].train, epochs=1, lr=cfg.learning_rate, seed=0)
+    # Assert: only fc_norm and head travel; the backbone does not move
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    names = sorted(R.record_to_numpy(reply.content.array_records[R.ARRAYS]))
+    assert names == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert all(torch.equal(v, dict(model.named_parameters())[k].detach()) for k, v in frozen_before.items())
+    assert not cfg.uses_lora
+
+
+def test_head_strategy_needs_a_labram_backbone():
+    # Execute / Assert
+    with pytest.raises(ValueError, match="strategy='head' does not apply"):
+        RunConfig(strategy="head", backbone="eegnet")
