@@ -607,3 +607,21 @@ def test_unreachable_site_is_asked_again_within_the_deadline(tmp_path, _task_ide
     # Assert: three good answers; c was asked twice
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3] and not any(r.has_error() for r in replies)
     assert grid.pushed.count(3) == 2
+
+
+def test_replies_are_recorded_under_the_registered_site_name(tmp_path, _task_identity, monkeypatch, caplog):
+    # Prepare: the fake sites call themselves n1, n2, n3; their keys are registered as a, b, c
+    from flwr.app import MessageType, RecordDict
+
+    import fedeeg.federation.deployment as dep
+
+    closer, clock = _closer(tmp_path)
+    monkeypatch.setattr(dep.time, "monotonic", lambda: clock["t"])
+    # Execute: two rounds
+    with caplog.at_level("WARNING"):
+        replies = closer(_FakeGrid({1: 1, 2: 1, 3: 1}), [1, 2, 3], RecordDict(), MessageType.TRAIN, 1)
+        closer(_FakeGrid({1: 1, 2: 1, 3: 1}), [1, 2, 3], RecordDict(), MessageType.TRAIN, 2)
+    # Assert: the registered names stand; one warning per site, naming both names
+    assert sorted(r.content.config_records["site"]["name"] for r in replies) == ["a", "b", "c"]
+    warnings = [r.getMessage() for r in caplog.records if "calls itself" in r.getMessage()]
+    assert len(warnings) == 3 and "Site a (registered key) calls itself 'n1'" in warnings[0]

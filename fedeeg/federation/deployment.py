@@ -338,12 +338,39 @@ class RoundCloser:
         self.fed, self.node_names = fed, dict(node_names or {})
         self.audit, self.metrics, self.sleep = audit, metrics, sleep
         self.suspects: set[int] = set()
+        self._misnamed: set[int] = set()  # sites already warned about a name other than their registered one
         self.registry = Path(registry) if registry else None
         self._registry_stamp: tuple | None = None
         self.revoked: set[str] = set()
 
     def name(self, nid: int) -> str:
         return self.node_names.get(nid, f"node-{nid}")
+
+    def _authenticated_name(self, reply: Message) -> None:
+        """Record a reply under the name its site is registered with, not the name it gives itself.
+
+        With node authentication the SuperLink knows which registered key sent
+        a reply; the site's own ``name`` setting is only a label. A site whose
+        label differs is recorded (metrics, reports) under its registered name,
+        with a warning once per site, so one site cannot report as another.
+        """
+        nid = reply.metadata.src_node_id
+        registered = self.node_names.get(nid)
+        if registered is None or reply.has_error():
+            return
+        try:
+            rec = reply.content.config_records[R.SITE]
+            claimed = rec["name"]
+        except (KeyError, AttributeError, TypeError):
+            return
+        if str(claimed) == registered:
+            return
+        if nid not in self._misnamed:
+            self._misnamed.add(nid)
+            logger.warning("Site %s (registered key) calls itself %r in its replies; its results are recorded as %s. "
+                           "Set name = %r in that site's TOML, or leave it out.", registered, str(claimed), registered,
+                           registered)
+        rec["name"] = registered
 
     def _refresh_revocations(self) -> None:
         """Re-read the registry if it changed; log and audit every site newly revoked."""
@@ -438,6 +465,7 @@ class RoundCloser:
                     node_of.update(dict(zip(again, [nid])))
                     pending.update(i for i in again if i)
                     continue
+                self._authenticated_name(reply)
                 replies.append(reply)
                 self.suspects.discard(nid)
             if len([r for r in replies if _usable(r, message_type)]) >= need or time.monotonic() >= deadline:
