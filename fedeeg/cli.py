@@ -115,6 +115,7 @@ def simulate(
     fail_sites: int = typer.Option(0, "--fail-sites", help="Simulation: the first N sites fail every round (dropout testing and demos)."),
     fail_at: str = typer.Option("train", "--fail-at", help="Where they fail: train | upload | unmask (unmask needs --secure)."),
     reply_timeout: float = typer.Option(0.0, "--reply-timeout", help="Seconds to wait for the sites' replies (0: wait for all)."),
+    evaluate_every: int = typer.Option(1, "--evaluate-every", help="Federated: the sites evaluate the global model every N rounds and after the last (1: every round)."),
     out: str = typer.Option("", help="Output folder (default runs/DATASET-MODE-STRATEGY-sSEED)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -137,7 +138,8 @@ def simulate(
                         lr=lr, batch_size=batch_size, window_seconds=window_seconds, device=device, seed=seed, out=out,
                         secure=secure, clip=clip, dp_sigma=dp_sigma, dp_delta=dp_delta, secagg_threshold=secagg_threshold,
                         secagg_neighbours=secagg_neighbours, secagg_weight_cap=secagg_weight_cap, quant_scale=quant_scale,
-                        aggregation=aggregation, fail_sites=fail_sites, fail_at=fail_at, reply_timeout=reply_timeout)
+                        aggregation=aggregation, fail_sites=fail_sites, fail_at=fail_at, reply_timeout=reply_timeout,
+                        evaluate_every=evaluate_every)
         if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
             raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -159,7 +161,7 @@ _SIMULATE_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "sites": "site
                     "dp_sigma": "dp_sigma", "dp_delta": "dp_delta", "secagg_threshold": "secagg_threshold",
                     "secagg_neighbours": "secagg_neighbours", "secagg_weight_cap": "secagg_weight_cap",
                     "quant_scale": "quant_scale", "aggregation": "aggregation", "fail_sites": "fail_sites",
-                    "fail_at": "fail_at", "reply_timeout": "reply_timeout"}
+                    "fail_at": "fail_at", "reply_timeout": "reply_timeout", "evaluate_every": "evaluate_every"}
 
 
 def _explicit_options(ctx: typer.Context) -> dict:
@@ -227,7 +229,7 @@ def _run_simulate(cfg, verbose: bool) -> None:
     task = progress.add_task(cfg.mode, total=cfg.rounds)
 
     def on_round(rec: dict) -> None:
-        t = rec["test"]
+        t = rec["test"] or {}
         extra = ""
         if rec.get("failed"):
             extra += f"  [red]round failed: {rec['failed']}[/]"
@@ -235,8 +237,8 @@ def _run_simulate(cfg, verbose: bool) -> None:
         if eps is not None:
             extra += f"  ε {eps:.3g}"
         progress.console.print(
-            f"round {rec['round']:>3}  loss {_fmt(rec['train_loss'])}  held-out bal.acc {_fmt(t['balanced_accuracy'])}  "
-            f"kappa {_fmt(t['cohen_kappa'])}  AUROC {_fmt(t['auroc'])}  ({rec['seconds']:.1f} s){extra}"
+            f"round {rec['round']:>3}  loss {_fmt(rec['train_loss'])}  held-out bal.acc {_fmt(t.get('balanced_accuracy'))}  "
+            f"kappa {_fmt(t.get('cohen_kappa'))}  AUROC {_fmt(t.get('auroc'))}  ({rec['seconds']:.1f} s){extra}"
         )
         progress.advance(task)
 

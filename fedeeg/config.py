@@ -159,6 +159,11 @@ class RunConfig:
     reply_timeout : float
         Seconds the server waits for the sites' replies to one message; sites
         that have not answered count as dropped (0 = wait for every site).
+    evaluate_every : int
+        Federated runs: the sites evaluate the global model after every
+        ``evaluate_every``-th round and after the last one (1 = every round).
+        A round without evaluation is one message exchange instead of two;
+        its record has no held-out metrics.
     sites_per_round : int
         Sites sampled per federated round (0 = all; :func:`fedeeg.scenarios.sample_sites`).
     dropout : float
@@ -224,6 +229,7 @@ class RunConfig:
     fail_sites: int = 0
     fail_at: str = "train"
     reply_timeout: float = 0.0
+    evaluate_every: int = 1
     sites_per_round: int = 0
     dropout: float = 0.0
     parallel_clients: int = 0
@@ -330,6 +336,7 @@ class RunConfig:
         check_range("quant_scale", self.quant_scale, low=0)
         check_range("fail_sites", self.fail_sites, low=0, high=self.federated_sites, kind=int)
         check_range("reply_timeout", self.reply_timeout, low=0)
+        check_range("evaluate_every", self.evaluate_every, low=1, kind=int)
         if (self.secure or self.aggregation != "mean") and self.mode != "federated":
             raise ValueError(f"'secure' and 'aggregation' apply to mode='federated', got mode={self.mode!r}.")
         if self.secure and self.aggregation != "mean":
@@ -401,6 +408,10 @@ class RunConfig:
     @property
     def uses_lora(self) -> bool:
         return self.strategy not in NO_LORA_STRATEGIES
+
+    def evaluates_after(self, rnd: int) -> bool:
+        """Whether the sites evaluate the global model after federated round ``rnd``."""
+        return rnd % self.evaluate_every == 0 or rnd >= self.rounds
 
     @property
     def total_epochs(self) -> int:

@@ -389,7 +389,8 @@ class RunResult:
 
 
 def round_record(rnd: int, per_site: dict[str, dict], losses: list[tuple[float, int]], seconds: float, **extra) -> dict:
-    pooled = pool_metrics(list(per_site.values()))
+    """One round's record; ``per_site`` empty for a round without evaluation (then ``test`` is empty too)."""
+    pooled = pool_metrics(list(per_site.values())) if per_site else {}
     n = sum(w for _, w in losses)
     return {
         "round": rnd,

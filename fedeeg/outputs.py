@@ -98,7 +98,8 @@ def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
 
     rounds = [h["round"] for h in history]
     fig, ax1 = plt.subplots(figsize=(6, 4), dpi=100)
-    ax1.plot(rounds, [h["test"]["balanced_accuracy"] for h in history], "o-", color="C0", label="held-out balanced acc.")
+    ax1.plot(rounds, [(h["test"] or {}).get("balanced_accuracy", float("nan")) for h in history], "o-", color="C0",
+             label="held-out balanced acc.")
     for name in history[-1]["per_site"]:
         ax1.plot(rounds, [h["per_site"].get(name, {}).get("balanced_accuracy", float("nan")) for h in history],
                  "--", alpha=0.5, label=f"{name}")

@@ -221,7 +221,7 @@ def plot_learning_curves(groups: dict[str, list[Run]], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for label, runs in groups.items():
-        curves = [[_num(h["test"].get("balanced_accuracy")) for h in r.history] for r in runs if r.history]
+        curves = [[_num((h["test"] or {}).get("balanced_accuracy")) for h in r.history] for r in runs if r.history]
         if not curves:
             continue
         n = min(len(c) for c in curves)

@@ -7,7 +7,9 @@ process per site, short SuperNode polls), then with Flower's default ``--isolati
 
 Overhead of a round = the round's wall time (train and evaluate phases, as the server measures it) minus the
 slowest site's local training time (its training windows / windows per second, as the site reports). The first
-round also pays the model build and is reported separately.
+round also pays the model build and is reported separately. A variant with ``+eval-last`` runs with
+``evaluate-every = rounds``: the rounds before the last are a single message exchange (train), and their
+overhead is reported on its own.
 
     python simulations/bench_deploy_overhead.py --rounds 4 --out simulations/results/bench_deploy_overhead.json
 """
@@ -55,7 +57,9 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
 
 
-def run_variant(root: Path, isolation: str, rounds: int, poll: float, local_epochs: int) -> dict:
+def run_variant(root: Path, variant: str, rounds: int, poll: float, local_epochs: int) -> dict:
+    isolation, _, eval_rule = variant.partition("+")
+    evaluate_every = rounds if eval_rule == "eval-last" else 1
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", FLWR_HOME=str(root / "flwr"), RAY_TMPDIR=str(root / "ray"),
                FEDEEG_CACHE_DIR=str(root / "cache"))
@@ -83,7 +87,7 @@ def run_variant(root: Path, isolation: str, rounds: int, poll: float, local_epoc
             f'[federation]\nname = "bench"\nout = "out"\nsites = 3\nmin_sites = 3\nround_deadline = 600\n'
             f'connect_timeout = 300\n[server]\nhost = "127.0.0.1"\nport = {port}\npoll_interval = {poll}\n'
             f'[run]\nbackbone = "labram-small"\nstrategy = "fedit"\nwindow-seconds = 1.0\nrounds = {rounds}\n'
-            f'local-epochs = {local_epochs}\ndevice = "cpu"\nsites = 3\n')
+            f'local-epochs = {local_epochs}\ndevice = "cpu"\nsites = 3\nevaluate-every = {evaluate_every}\n')
         log = (root / "server.log").open("wb")
         t0 = time.perf_counter()
         server = subprocess.Popen([*FEDEEG, "server", "start", "--config", "federation.toml"], cwd=root, env=env,
@@ -104,11 +108,13 @@ def run_variant(root: Path, isolation: str, rounds: int, poll: float, local_epoc
         ups = trains[rec["round"]]["updates"]
         slowest = max(u["num_examples"] * local_epochs / u["windows_per_second"] for u in ups)
         rows.append({"round": rec["round"], "round_seconds": rec["seconds"], "slowest_training_seconds": round(slowest, 3),
-                     "overhead_seconds": round(rec["seconds"] - slowest, 3)})
+                     "overhead_seconds": round(rec["seconds"] - slowest, 3), "evaluated": bool(rec["test"])})
     later = [r["overhead_seconds"] for r in rows[1:]] or [rows[0]["overhead_seconds"]]
-    return {"isolation": isolation, "rounds": rows, "wall_seconds": round(wall, 1),
-            "first_round_overhead_seconds": rows[0]["overhead_seconds"],
-            "median_overhead_seconds_after_round_1": round(statistics.median(later), 3)}
+    train_only = [r["overhead_seconds"] for r in rows[1:] if not r["evaluated"]]
+    return {"variant": variant, "isolation": isolation, "evaluate_every": evaluate_every, "rounds": rows,
+            "wall_seconds": round(wall, 1), "first_round_overhead_seconds": rows[0]["overhead_seconds"],
+            "median_overhead_seconds_after_round_1": round(statistics.median(later), 3),
+            "median_overhead_seconds_rounds_without_evaluation": round(statistics.median(train_only), 3) if train_only else None}
 
 
 def main() -> None:
@@ -116,7 +122,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--poll", type=float, default=0.25, help="Polling interval of FedEEG's daemons (s).")
-    parser.add_argument("--variants", default="process,subprocess")
+    parser.add_argument("--variants", default="process,subprocess",
+                        help="Comma-separated: an isolation ('process' = FedEEG's long-lived ClientApp, 'subprocess' = "
+                             "Flower's default), optionally '+eval-last' (the sites evaluate only after the last round, "
+                             "so the other rounds are one message exchange: evaluate-every = rounds).")
     parser.add_argument("--out", default="")
     parser.add_argument("--keep", default="", help="Keep the deployments' folders (logs) here instead of a temp dir.")
     args = parser.parse_args()
@@ -129,7 +138,9 @@ def main() -> None:
             results.append(res)
             print(f"{variant:>10}: first round overhead {res['first_round_overhead_seconds']:.2f} s, later rounds "
                   f"median {res['median_overhead_seconds_after_round_1']:.2f} s (per round: "
-                  f"{[r['overhead_seconds'] for r in res['rounds']]}), wall {res['wall_seconds']:.0f} s", flush=True)
+                  f"{[r['overhead_seconds'] for r in res['rounds']]}), rounds without evaluation median "
+                  f"{res['median_overhead_seconds_rounds_without_evaluation']} s, wall {res['wall_seconds']:.0f} s",
+                  flush=True)
     report = {"sites": 3, "backbone": "labram-small", "strategy": "fedit", "window_seconds": 1.0,
               "local_epochs": args.local_epochs, "poll_seconds": args.poll, "cpu_count": os.cpu_count(),
               "load_average_at_end": os.getloadavg(), "results": results}

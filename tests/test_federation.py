@@ -355,3 +355,36 @@ def test_head_strategy_needs_a_labram_backbone():
     # Execute / Assert
     with pytest.raises(ValueError, match="strategy='head' does not apply"):
         RunConfig(strategy="head", backbone="eegnet")
+
+
+def test_evaluate_every_skips_the_evaluate_exchange_between_evaluated_rounds():
+    # Prepare: 3 rounds, evaluation after every 2nd round and the last; the sites answer in this process
+    from flwr.app import Message
+
+    from fedeeg.federation.client_app import handle
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 3}, evaluate_every=2)
+    sent = []
+
+    class _Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+    def broadcast(grid, nodes, content, message_type, rnd):
+        sent.append((rnd, message_type))
+        replies = []
+        for pid, nid in enumerate(nodes):
+            msg = Message(content, dst_node_id=nid, message_type=message_type, group_id=str(rnd))
+            replies.append(handle(msg, _context(pid), cfg, message_type.split(".")[0]))
+        return replies
+
+    # Execute
+    result = run_federation(_Grid(), cfg, n_sites=2, broadcast=broadcast, node_timeout=1.0)
+    # Assert: round 1 trains only; rounds 2 and 3 also evaluate; records say so
+    assert [t for r, t in sent] == ["train", "train", "evaluate", "train", "evaluate"]
+    first, second, last = result.history
+    assert first["test"] == {} and first["per_site"] == {} and np.isfinite(first["train_loss"])
+    assert 0.0 <= second["test"]["balanced_accuracy"] <= 1.0 and set(last["per_site"]) == set(result.per_site)
+    with pytest.raises(ValueError, match="evaluate_every"):
+        RunConfig(evaluate_every=0)

@@ -65,9 +65,9 @@ def server_start(
                       "never with patient data. [/]")
 
     def on_round(rec: dict) -> None:
-        t = rec["test"]
+        t = rec["test"] or {}
         console.print(f"round {rec['round']:>3}/{fed.run.rounds}  sites {rec.get('sites_answered', '?')}  "
-                      f"loss {rec['train_loss']:.4f}  held-out bal.acc {_fmt(t['balanced_accuracy'])}  "
+                      f"loss {rec['train_loss']:.4f}  held-out bal.acc {_fmt(t.get('balanced_accuracy'))}  "
                       f"({rec['seconds']:.1f} s){'  rejected ' + str(len(rec['rejected'])) if rec.get('rejected') else ''}")
 
     try:

@@ -175,10 +175,11 @@ def run_federation(
         bytes_down.append(float(down_size))
         bytes_up.extend(float(s) for s in up_sizes)
 
+        per_site = {}
+        evaluate_now = cfg.evaluates_after(rnd)
         content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
                               R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
-        per_site = {}
-        for reply in send(grid, eval_nodes, content, MessageType.EVALUATE, rnd):
+        for reply in send(grid, eval_nodes, content, MessageType.EVALUATE, rnd) if evaluate_now else []:
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
@@ -193,7 +194,7 @@ def run_federation(
             if name in site_info:
                 site_info[name]["test_windows"] = per_site[name]["n_windows"]
         per_site = dict(sorted(per_site.items()))
-        if not per_site:
+        if evaluate_now and not per_site:
             raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
         rec = round_record(rnd, per_site, losses, time.perf_counter() - t0,
                             sites_answered=n_answered, rejected=rejected,
