@@ -79,3 +79,36 @@ def dataclass_kwargs(cls, mapping, *, what: str, coerce=coerce_scalar) -> dict[s
         allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
         raise ValueError(f"Unknown {what} key(s) {sorted(unknown)}. Known keys are: {allowed}.")
     return kwargs
+
+
+def read_toml(path, *, kind: str, error: type[Exception] = ValueError, hint: str = "") -> tuple[dict, Any]:
+    """Parse a TOML settings file, with clear errors when it is absent or not valid TOML.
+
+    Parameters
+    ----------
+    path : path-like
+        The file (``~`` is expanded).
+    kind : str
+        What the file is, for the messages (e.g. ``"Site file"``).
+    error : type of Exception
+        Raised, naming the file, when the TOML does not parse.
+    hint : str
+        Appended to the not-found message (e.g. ``" (see client/site.example.toml)"``).
+
+    Returns
+    -------
+    data : dict
+    path : Path
+        The expanded path.
+    """
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {str(path)!r} not found{hint}.")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f), path
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path.name}: not valid TOML ({err}).") from None

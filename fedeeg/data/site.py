@@ -48,7 +48,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tomllib
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._validation import check_option
+from .._validation import check_option, read_toml
 from .base import WindowSet
 from .channels import LABRAM_VOCAB, standardize_channel_name, to_vocab
 from .labels import (
@@ -502,14 +501,7 @@ def load_site_config(path) -> SiteConfig:
         If it is not valid TOML, or a table or key is unknown (the message
         lists the allowed ones), missing or of the wrong type.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Site file {str(path)!r} not found.")
-    try:
-        with path.open("rb") as f:
-            d = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise SiteConfigError(f"{path.name}: not valid TOML ({err}).") from None
+    d, path = read_toml(path, kind="Site file", error=SiteConfigError)
     return SiteConfig.from_dict(d, base_dir=path.parent.resolve(), path=path)
 
 

@@ -29,12 +29,11 @@ Example (paths are relative to the file)::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._validation import check_option, check_range
+from .._validation import check_option, check_range, read_toml
 from ..config import RunConfig
 
 ON_TOO_FEW = ("retry", "skip", "abort")
@@ -182,14 +181,8 @@ class FederationConfig:
 
 def load_federation_config(path: str | Path) -> FederationConfig:
     """Read and validate a ``federation.toml``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Federation file {str(path)!r} not found (see server/federation.example.toml).")
-    try:
-        with path.open("rb") as f:
-            d = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise FederationConfigError(f"{path.name}: not valid TOML ({err}).") from None
+    d, path = read_toml(path, kind="Federation file", error=FederationConfigError,
+                        hint=" (see server/federation.example.toml)")
     return FederationConfig.from_dict(d, base_dir=path.parent.resolve(), path=path)
 
 

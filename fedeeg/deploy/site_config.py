@@ -26,12 +26,11 @@ A test site instead sets ``dataset = "synthetic"``, ``partition = N`` and
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._validation import check_option, check_range
+from .._validation import check_option, check_range, read_toml
 from . import check_site_name
 
 CLIENT_DATASETS = ("folder", "synthetic")
@@ -194,14 +193,7 @@ def _to_toml(tables: dict) -> str:
 
 def load_client_config(path: str | Path) -> ClientConfig:
     """Read a site's deployment file (``[deployment]`` plus the data tables)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Site file {str(path)!r} not found (see client/site.example.toml).")
-    try:
-        with path.open("rb") as f:
-            d = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise ClientConfigError(f"{path.name}: not valid TOML ({err}).") from None
+    d, path = read_toml(path, kind="Site file", error=ClientConfigError, hint=" (see client/site.example.toml)")
     base = path.parent.resolve()
     dep = d.get("deployment")
     if not isinstance(dep, dict):
