@@ -59,6 +59,18 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _set_engine(engine: str | None, debug: bool) -> None:
+    """Validate --engine and pass it on through $FEDEEG_ENGINE (to this run and to a sweep's cells)."""
+    if engine is None:
+        return
+    from .federation.simulation import ENGINES
+
+    if engine not in ENGINES:
+        _fail(ValueError(f"Invalid value for --engine. Allowed values are {', '.join(map(repr, ENGINES))}, but got "
+                         f"{engine!r} instead."), debug)
+    os.environ["FEDEEG_ENGINE"] = engine
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"fedeeg {__version__}")
@@ -116,12 +128,14 @@ def simulate(
     fail_at: str = typer.Option("train", "--fail-at", help="Where they fail: train | upload | unmask (unmask needs --secure)."),
     reply_timeout: float = typer.Option(0.0, "--reply-timeout", help="Seconds to wait for the sites' replies (0: wait for all)."),
     evaluate_every: int = typer.Option(1, "--evaluate-every", help="Federated: the sites evaluate the global model every N rounds and after the last (1: every round)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Federated simulation engine: ray (Flower's, sites in parallel actors; the default) | inprocess (sites answer in turn in this process: one GPU, short runs). Default: $FEDEEG_ENGINE, else ray."),
     out: str = typer.Option("", help="Output folder (default runs/DATASET-MODE-STRATEGY-sSEED)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Run N sites on this machine (federated in Flower's simulation engine) and write OUT/."""
     _setup_logging(verbose)
+    _set_engine(engine, debug)
     if scenario:
         _simulate_scenario(ctx, scenario, verbose, debug)
         return
@@ -500,6 +514,7 @@ def sweep(
                                     "`fedeeg simulate` subprocess per cell, which isolates Ray and memory)."),
     stop_on_error: bool = typer.Option(False, "--stop-on-error", help="Stop at the first failed cell (default: go on)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their state; run nothing."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Federated cells' simulation engine: ray | inprocess (see `fedeeg simulate --engine`)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -509,6 +524,7 @@ def sweep(
     `fedeeg report RUNS` tabulates them.
     """
     _setup_logging(verbose)
+    _set_engine(engine, debug)
     try:
         from .scenarios import load_scenario
         from .sweep import parse_grid, plan_sweep, run_sweep

@@ -203,3 +203,16 @@ def test_subprocess_sweep_killed_mid_grid_resumes(tiny, tmp_path):
     assert "ran 1, skipped 1 (finished before), failed 0" in " ".join(again.stderr.split())
     assert first.stat().st_mtime_ns == stamp
     assert json.loads((runs / "rounds-1_seed-1" / "summary.json").read_text())["seed"] == 1
+
+
+def test_engine_option_is_validated_and_passed_on_to_the_cells(tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.delenv("FEDEEG_ENGINE", raising=False)
+    # Execute
+    bad = CliRunner().invoke(app, ["simulate", "--engine", "threads", "--out", str(tmp_path / "x")])
+    ok = CliRunner().invoke(app, ["sweep", "--grid", "seed=0,1", "--runs", str(tmp_path / "runs"), "--dry-run",
+                                  "--engine", "inprocess"])
+    # Assert
+    assert bad.exit_code == 2 and "--engine" in bad.output and "'inprocess'" in bad.output
+    assert ok.exit_code == 0 and os.environ["FEDEEG_ENGINE"] == "inprocess"
+    monkeypatch.delenv("FEDEEG_ENGINE")

@@ -6,10 +6,14 @@ import logging
 import os
 from collections.abc import Callable
 
+from .._validation import check_option
 from ..config import RunConfig
 from ..experiment import RunResult
 
 logger = logging.getLogger(__name__)
+
+#: Simulation engines of :func:`run_federated_simulation` (``$FEDEEG_ENGINE``, ``fedeeg simulate --engine``).
+ENGINES = ("ray", "inprocess")
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -91,6 +95,7 @@ def run_federated_simulation(
     on_round: Callable[[dict], None] | None = None,
     cpus_per_site: float = 1.0,
     verbose: bool = False,
+    engine: str | None = None,
 ) -> RunResult:
     """Run ``cfg`` (mode federated) with ``n_sites`` virtual SuperNodes.
 
@@ -106,22 +111,34 @@ def run_federated_simulation(
         Ray CPUs each ClientApp actor holds (and its torch threads).
     verbose : bool
         Show Flower's and Ray's INFO logs.
+    engine : {"ray", "inprocess"} | None
+        ``"ray"``: Flower's simulation engine (sites in parallel Ray actors).
+        ``"inprocess"``: the sites answer in this process, one after the
+        other (:mod:`fedeeg.federation.inprocess`; one GPU, short runs, no
+        Ray). None: ``$FEDEEG_ENGINE``, else ``"ray"``.
 
     Returns
     -------
     result : RunResult
     """
-    from .client_app import make_client_app
-    from .server_app import make_server_app
+    engine = check_option("engine", engine or os.environ.get("FEDEEG_ENGINE", "ray"), ENGINES)
+    if engine == "inprocess":
+        _quiet_flower(verbose)
+        from .inprocess import run_federated_inprocess
 
-    results: list[RunResult] = []
-    server_app = make_server_app(cfg, n_sites=n_sites, results=results, on_round=on_round)
-    client_app = make_client_app(cfg)
-    run_apps_in_simulation(server_app, client_app, n_sites=n_sites, device=cfg.device, cpus_per_site=cpus_per_site,
-                           parallel_clients=cfg.parallel_clients, verbose=verbose)
-    if not results:
-        raise RuntimeError("The federated simulation ended without a result; run with --verbose to see Flower's log.")
-    result = results[0]
+        result = run_federated_inprocess(cfg, n_sites=n_sites, on_round=on_round)
+    else:
+        from .client_app import make_client_app
+        from .server_app import make_server_app
+
+        results: list[RunResult] = []
+        server_app = make_server_app(cfg, n_sites=n_sites, results=results, on_round=on_round)
+        client_app = make_client_app(cfg)
+        run_apps_in_simulation(server_app, client_app, n_sites=n_sites, device=cfg.device, cpus_per_site=cpus_per_site,
+                               parallel_clients=cfg.parallel_clients, verbose=verbose)
+        if not results:
+            raise RuntimeError("The federated simulation ended without a result; run with --verbose to see Flower's log.")
+        result = results[0]
     if cfg.finetune_epochs:  # personalisation: each site fine-tunes the final model; reported beside it
         from ..personalisation import finetune_sites
 
