@@ -421,3 +421,33 @@ def test_inprocess_engine_gives_the_ray_engines_result_bit_for_bit():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["train_loss"] for h in ray_run.history] == [h["train_loss"] for h in local_run.history]
     assert ray_run.test == local_run.test
+
+
+def test_a_sites_first_error_is_logged_under_its_known_name():
+    # Prepare: node 12 fails its training; its name is known from the start (deployment: the registry)
+    from flwr.app import Error, Message
+
+    from fedeeg.federation.client_app import handle
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **SMALL)
+
+    class _Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+    def broadcast(grid, nodes, content, message_type, rnd):
+        replies = []
+        for pid, nid in enumerate(nodes):
+            msg = Message(content, dst_node_id=nid, message_type=message_type, group_id=str(rnd))
+            if nid == 12 and message_type == "train":
+                replies.append(Message(Error(code=1001, reason="disk full"), reply_to=msg))
+            else:
+                replies.append(handle(msg, _context(pid), cfg, message_type))
+        return replies
+
+    # Execute
+    result = run_federation(_Grid(), cfg, n_sites=2, broadcast=broadcast, node_timeout=1.0,
+                            site_names={11: "hospital-a", 12: "hospital-b"})
+    # Assert
+    assert result.history[0]["rejected"] == [{"site": "hospital-b", "reason": "disk full"}]

@@ -616,7 +616,8 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
     # round deadline unless the run sets its own reply_timeout, so a dead site never hangs a secure round.
     run_cfg = cfg.replace(reply_timeout=cfg.reply_timeout or fed.round_deadline) if cfg.secure else cfg
     result = run_federation(grid, run_cfg, n_sites=len(nodes), on_round=on_round, node_timeout=fed.connect_timeout,
-                            broadcast=closer, resume=resume, on_checkpoint=on_checkpoint, roster=roster)
+                            broadcast=closer, resume=resume, on_checkpoint=on_checkpoint, roster=roster,
+                            site_names=node_names)
     write_outputs(cfg, result, wall_seconds=wall_before + time.perf_counter() - start, out=out)
     from ..checkpoint import read_manifest
 

@@ -67,6 +67,7 @@ def run_federation(
     resume: tuple[int, dict, list[dict]] | None = None,
     on_checkpoint: Callable[[int, dict, dict], None] | None = None,
     roster: dict[int, bytes] | None = None,
+    site_names: dict[int, str] | None = None,
 ) -> RunResult:
     """Run ``cfg.rounds`` federated rounds over the sites connected to ``grid``.
 
@@ -96,6 +97,10 @@ def run_federation(
         Secure aggregation: the sites' raw Ed25519 identity public keys by
         protocol id (deployment: :func:`fedeeg.deploy.roster.registry_public_keys`);
         None: the keys derived from the run's seed (simulation).
+    site_names : dict of int to str | None
+        Node id -> site name known before the first reply (deployment: the
+        registered names), so that a site whose very first reply is an error
+        is still named in the logs and the round records.
 
     Returns
     -------
@@ -115,7 +120,7 @@ def run_federation(
     global_arrays = {k: v for k, v in global_arrays.items() if k not in local_names}
     nodes = _wait_for_nodes(grid, n_sites, node_timeout)
     logger.info("%d sites connected; %d rounds of %s", len(nodes), cfg.rounds, cfg.strategy)
-    site_names: dict[int, str] = {}
+    site_names = dict(site_names or {})
     site_info: dict[str, dict] = {}
     history: list[dict] = []
     bytes_up: list[float] = []
