@@ -137,6 +137,9 @@ def summarise(groups: dict[str, list[Run]]) -> list[dict]:
                      if r.summary.get("per_site") else float("nan") for r in runs]
         bal, bal_sd = _mean_sd(pooled)
         sm, sm_sd = _mean_sd(site_mean)
+        # personalisation: each site's local fine-tune of the final model, evaluated beside it
+        tuned = [_num(((r.summary.get("personalised") or {}).get("test") or {}).get("balanced_accuracy")) for r in runs]
+        ft, ft_sd = _mean_sd(tuned)
         first = runs[0].summary
         up = int(first.get("communication", {}).get("bytes_up_per_site_per_round", 0))
         row = {
@@ -145,6 +148,7 @@ def summarise(groups: dict[str, list[Run]]) -> list[dict]:
             "n_seeds": len(runs),
             "balanced_accuracy": bal, "balanced_accuracy_sd": bal_sd,
             "site_mean_balanced_accuracy": sm, "site_mean_balanced_accuracy_sd": sm_sd,
+            "finetuned_balanced_accuracy": ft, "finetuned_balanced_accuracy_sd": ft_sd,
             **{m: _mean_sd([_num(r.summary["test"].get(m)) for r in runs])[0] for m in METRICS[1:]},
             "trainable_parameters": int(first.get("trainable_parameters", 0)),
             "bytes_up_per_site_per_round": up,
@@ -186,15 +190,19 @@ def command_for(config: dict) -> str:
 def markdown_table(rows: list[dict], *, title: str = "") -> str:
     """The report's Markdown: the table and one command per group."""
     lines = [title, ""] if title else []
+    # A column for the sites' local fine-tune of the final model, where any run has one (finetune_epochs > 0).
+    tuned = any(not math.isnan(r.get("finetuned_balanced_accuracy", float("nan"))) for r in rows)
     lines += [
-        "| setting | balanced acc. % (pooled) | mean of sites' bal. acc. % | seeds | kappa | macro-F1 | AUROC "
-        "| trainable params | upload B/site/round | upload B/site total | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| setting | balanced acc. % (pooled) | mean of sites' bal. acc. % "
+        + ("| after local fine-tune % (pooled) " if tuned else "")
+        + "| seeds | kappa | macro-F1 | AUROC | trainable params | upload B/site/round | upload B/site total | wall s |",
+        "| --- | ---: | ---: " + ("| ---: " if tuned else "") + "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        ft = (f"| {_pct(r['finetuned_balanced_accuracy'], r['finetuned_balanced_accuracy_sd'])} " if tuned else "")
         lines.append(
             f"| {r['group']} | {_pct(r['balanced_accuracy'], r['balanced_accuracy_sd'])} "
-            f"| {_pct(r['site_mean_balanced_accuracy'], r['site_mean_balanced_accuracy_sd'])} | {r['n_seeds']} "
+            f"| {_pct(r['site_mean_balanced_accuracy'], r['site_mean_balanced_accuracy_sd'])} {ft}| {r['n_seeds']} "
             f"| {_f3(r['cohen_kappa'])} | {_f3(r['macro_f1'])} | {_f3(r['auroc'])} | {r['trainable_parameters']:,} "
             f"| {r['bytes_up_per_site_per_round']:,} | {r['bytes_up_per_site_total']:,} | {r['wall_seconds']:.0f} |"
         )

@@ -158,3 +158,22 @@ def test_cli_report(runs_dir, tmp_path):
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# T")
     assert re.search(r"accuracy_vs_rank\.png", res.output)
     assert empty.exit_code == 2 and "does not exist" in " ".join(empty.output.split())
+
+
+def test_local_finetune_column_matches_the_summaries(tmp_path):
+    # Prepare: two seeds with a local fine-tune of the final model (summary["personalised"]), one group
+    runs = tmp_path / "runs"
+    tuned = []
+    for seed, bal, after in ((0, 0.6, 0.7), (1, 0.62, 0.66)):
+        _write_run(runs / f"s{seed}", strategy="ffa", rank=2, seed=seed, bal=bal, sites={"a": bal}, up=10)
+        summary = json.loads((runs / f"s{seed}" / "summary.json").read_text())
+        summary["personalised"] = {"finetune_epochs": 2, "test": {"balanced_accuracy": after}, "per_site": {}}
+        (runs / f"s{seed}" / "summary.json").write_text(json.dumps(summary))
+        tuned.append(after)
+    # Execute
+    text = (write_report(runs, plots=False) / "report.md").read_text()
+    # Assert: the column is there, with mean ± sd of the fine-tuned numbers
+    header, _, row = [line for line in text.splitlines() if line.startswith("|")][:3]
+    assert "after local fine-tune % (pooled)" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{100 * np.mean(tuned):.1f} ± {100 * np.std(tuned, ddof=1):.1f}"
