@@ -625,3 +625,21 @@ def test_replies_are_recorded_under_the_registered_site_name(tmp_path, _task_ide
     assert sorted(r.content.config_records["site"]["name"] for r in replies) == ["a", "b", "c"]
     warnings = [r.getMessage() for r in caplog.records if "calls itself" in r.getMessage()]
     assert len(warnings) == 3 and any("Site a (registered key) calls itself 'n1'" in w for w in warnings)
+
+
+def test_object_pull_backoff_is_shortened_in_this_process(monkeypatch):
+    # Prepare: Flower's defaults (1 s first wait, 10 s cap) restored afterwards
+    from flwr.supercore.inflatable import inflatable_utils as utils
+
+    from fedeeg.deploy._flower import shorter_object_pull_backoff
+
+    for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))
+    # Execute
+    changed = shorter_object_pull_backoff(0.05, cap=2.0)
+    unchanged = shorter_object_pull_backoff(0)
+    # Assert: both pull paths ask again after 0.05 s; 0 leaves Flower's waits
+    assert changed and not unchanged
+    for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        assert f.__kwdefaults__["initial_backoff"] == 0.05 and f.__kwdefaults__["backoff_cap"] == 2.0
+        assert f.__kwdefaults__["max_tries_per_object"] == 500  # Flower's limits stay

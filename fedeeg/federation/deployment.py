@@ -167,6 +167,9 @@ class ClientWorker:
         """Take and run ClientApp tasks until ``stop`` is set; survive SuperNode restarts with backoff."""
         from flwr.supercore.constant import TaskType
 
+        from ..deploy._flower import shorter_object_pull_backoff
+
+        shorter_object_pull_backoff()
         backoff = 0.5
         client = None
         while not stop.is_set():
@@ -648,6 +651,9 @@ def serve_server_task(fed: FederationConfig, *, address: str, insecure: bool, ca
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.superlink.grid import HttpGrid
 
+    from ..deploy._flower import shorter_object_pull_backoff
+
+    shorter_object_pull_backoff()  # the sites' replies: ask again after 0.05 s, not 1 s
     client = _runtime_client(address, insecure=insecure, certificates=ca_cert)
     deadline = time.monotonic() + acquire_timeout
     try:
