@@ -351,8 +351,7 @@ def build_model(
 
     entry = BACKBONE_REGISTRY[cfg.backbone]
     if cfg.strategy != "full" and not entry.supports_lora:
-        raise ValueError(f"The backbone {cfg.backbone!r} has no LoRA adapters (nor a LaBraM head): use strategy='full', "
-                         f"got {cfg.strategy!r}.")
+        raise ValueError(f"The backbone {cfg.backbone!r} has no LoRA adapters: use strategy='full', got {cfg.strategy!r}.")
     spec = preprocess_spec(cfg)
     if entry.fixed_input and (ch_names is None or n_times is None):
         default_chs, default_n_times = run_input(cfg)
