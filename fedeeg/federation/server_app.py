@@ -182,9 +182,12 @@ def run_federation(
 
         per_site = {}
         evaluate_now = cfg.evaluates_after(rnd)
-        content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
-                              R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
-        for reply in send(grid, eval_nodes, content, MessageType.EVALUATE, rnd) if evaluate_now else []:
+        eval_replies = []
+        if evaluate_now:  # the global model is packed only for a round whose sites evaluate it
+            content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
+                                  R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
+            eval_replies = send(grid, eval_nodes, content, MessageType.EVALUATE, rnd)
+        for reply in eval_replies:
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)

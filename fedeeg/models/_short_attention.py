@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import os
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 #: Whether LaBraM uses this kernel where it applies. Set FEDEEG_SHORT_ATTENTION=0 in the environment
 #: (or this to False) to use ``F.scaled_dot_product_attention`` everywhere, e.g. to compare the two.
