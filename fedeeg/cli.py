@@ -128,6 +128,7 @@ def simulate(
     fail_at: str = typer.Option("train", "--fail-at", help="Where they fail: train | upload | unmask (unmask needs --secure)."),
     reply_timeout: float = typer.Option(0.0, "--reply-timeout", help="Seconds to wait for the sites' replies (0: wait for all)."),
     evaluate_every: int = typer.Option(1, "--evaluate-every", help="Federated: the sites evaluate the global model every N rounds and after the last (1: every round)."),
+    evaluate_in: str = typer.Option("next-train", "--evaluate-in", help="Federated: next-train (the sites evaluate a round's global model with the next round's training message: one exchange per round) | separate (an evaluate message of its own)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Federated simulation engine: ray (Flower's, sites in parallel actors; the default) | inprocess (sites answer in turn in this process: one GPU, short runs). Default: $FEDEEG_ENGINE, else ray."),
     out: str = typer.Option("", help="Output folder (default runs/DATASET-MODE-STRATEGY-sSEED)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower, Ray and MNE logs."),
@@ -153,7 +154,7 @@ def simulate(
                         secure=secure, clip=clip, dp_sigma=dp_sigma, dp_delta=dp_delta, secagg_threshold=secagg_threshold,
                         secagg_neighbours=secagg_neighbours, secagg_weight_cap=secagg_weight_cap, quant_scale=quant_scale,
                         aggregation=aggregation, fail_sites=fail_sites, fail_at=fail_at, reply_timeout=reply_timeout,
-                        evaluate_every=evaluate_every)
+                        evaluate_every=evaluate_every, evaluate_in=evaluate_in)
         if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
             raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file.")
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -175,7 +176,8 @@ _SIMULATE_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "sites": "site
                     "dp_sigma": "dp_sigma", "dp_delta": "dp_delta", "secagg_threshold": "secagg_threshold",
                     "secagg_neighbours": "secagg_neighbours", "secagg_weight_cap": "secagg_weight_cap",
                     "quant_scale": "quant_scale", "aggregation": "aggregation", "fail_sites": "fail_sites",
-                    "fail_at": "fail_at", "reply_timeout": "reply_timeout", "evaluate_every": "evaluate_every"}
+                    "fail_at": "fail_at", "reply_timeout": "reply_timeout", "evaluate_every": "evaluate_every",
+                    "evaluate_in": "evaluate_in"}
 
 
 def _explicit_options(ctx: typer.Context) -> dict:

@@ -25,6 +25,8 @@ NO_LORA_STRATEGIES = ("full", "head")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Stages at which ``fail_sites`` sites fail in simulation (``unmask`` only exists with ``secure``).
 FAIL_STAGES = ("train", "upload", "unmask")
+#: How the sites evaluate a federated round's global model (``RunConfig.evaluate_in``).
+EVALUATE_IN = ("next-train", "separate")
 #: Norm bound of a secure run when ``clip`` is 0 (the fixed-point encoding needs one).
 SECURE_DEFAULT_CLIP = 100.0
 LORA_PRESETS = ("paper", "attention", "all-linear", "qkv", "mlp", "convs", "qkv+convs", "mlp+convs")
@@ -162,8 +164,17 @@ class RunConfig:
     evaluate_every : int
         Federated runs: the sites evaluate the global model after every
         ``evaluate_every``-th round and after the last one (1 = every round).
-        A round without evaluation is one message exchange instead of two;
-        its record has no held-out metrics.
+        A round without evaluation has no held-out metrics in its record.
+    evaluate_in : {"next-train", "separate"}
+        Federated runs: how the sites evaluate a round's global model.
+        ``"next-train"`` (default): with the next round's training message,
+        before they train, so every round is one message exchange; the round's
+        record gets its held-out metrics one round later, and the last round
+        is evaluated in an evaluate message of its own. ``"separate"``: an
+        evaluate message right after the round (two exchanges per evaluated
+        round). Runs with secure aggregation, partial participation, dropouts
+        or injected failures always evaluate ``"separate"``ly, so that every
+        site evaluates every evaluated round.
     sites_per_round : int
         Sites sampled per federated round (0 = all; :func:`fedeeg.scenarios.sample_sites`).
     dropout : float
@@ -230,6 +241,7 @@ class RunConfig:
     fail_at: str = "train"
     reply_timeout: float = 0.0
     evaluate_every: int = 1
+    evaluate_in: str = "next-train"
     sites_per_round: int = 0
     dropout: float = 0.0
     parallel_clients: int = 0
@@ -337,6 +349,7 @@ class RunConfig:
         check_range("fail_sites", self.fail_sites, low=0, high=self.federated_sites, kind=int)
         check_range("reply_timeout", self.reply_timeout, low=0)
         check_range("evaluate_every", self.evaluate_every, low=1, kind=int)
+        check_option("evaluate_in", self.evaluate_in, EVALUATE_IN)
         if (self.secure or self.aggregation != "mean") and self.mode != "federated":
             raise ValueError(f"'secure' and 'aggregation' apply to mode='federated', got mode={self.mode!r}.")
         if self.secure and self.aggregation != "mean":
@@ -414,6 +427,12 @@ class RunConfig:
         return rnd % self.evaluate_every == 0 or rnd >= self.rounds
 
     @property
+    def evaluates_with_next_train(self) -> bool:
+        """Whether a round's evaluation rides on the next round's training message (see ``evaluate_in``)."""
+        return (self.evaluate_in == "next-train" and not self.secure and not self.sites_per_round
+                and self.dropout == 0 and self.fail_sites == 0)
+
+    @property
     def total_epochs(self) -> int:
         """Epochs every mode trains for: ``rounds * local_epochs``."""
         return self.rounds * self.local_epochs
@@ -452,4 +471,4 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return coerce_scalar(name, value, annotation)
 
 
-__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "AGGREGATIONS", "FAIL_STAGES", "SECURE_DEFAULT_CLIP", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]
+__all__ = ["RunConfig", "DATASETS", "SPLITS", "MODES", "STRATEGIES", "AGGREGATIONS", "FAIL_STAGES", "EVALUATE_IN", "SECURE_DEFAULT_CLIP", "LORA_PRESETS", "DEFAULT_LR", "BACKBONE_NAMES", "LORA_BACKBONES"]

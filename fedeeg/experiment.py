@@ -401,6 +401,19 @@ def round_record(rnd: int, per_site: dict[str, dict], losses: list[tuple[float, 
     }
 
 
+def complete_evaluation(rec: dict, per_site: dict[str, dict]) -> dict:
+    """Fill in a round record's held-out metrics that came later (``evaluate_in='next-train'``), in place.
+
+    ``rec`` is a :func:`round_record` made without evaluation and marked
+    ``evaluation_pending``; ``per_site`` the sites' metrics of that round's
+    global model. Returns ``rec``, now as :func:`round_record` would have made it.
+    """
+    done = round_record(rec["round"], per_site, [], 0.0)
+    rec.pop("evaluation_pending", None)
+    rec.update(test=done["test"], per_site=done["per_site"])
+    return rec
+
+
 def run_centralized(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict], None] | None = None) -> RunResult:
     """One model on the pooled training windows of all sites, same budget as federated.
 
@@ -460,4 +473,4 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
                      extra={"per_site_mean": mean})
 
 
-__all__ = ["run_labels", "DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "prepare_site", "split_in_time", "synthetic_settings", "HOLDOUTS", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "run_centralized", "run_local", "preprocess_spec"]
+__all__ = ["run_labels", "DATASET_LABELS", "DATASET_CHANNELS", "SiteSplit", "prepare_sites", "prepare_site", "split_in_time", "synthetic_settings", "HOLDOUTS", "lora_spec", "run_input", "build_model", "RunResult", "round_record", "complete_evaluation", "run_centralized", "run_local", "preprocess_spec"]

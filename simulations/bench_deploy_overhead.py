@@ -7,9 +7,11 @@ process per site, short SuperNode polls), then with Flower's default ``--isolati
 
 Overhead of a round = the round's wall time (train and evaluate phases, as the server measures it) minus the
 slowest site's local training time (its training windows / windows per second, as the site reports). The first
-round also pays the model build and is reported separately. A variant with ``+eval-last`` runs with
-``evaluate-every = rounds``: the rounds before the last are a single message exchange (train), and their
-overhead is reported on its own.
+round also pays the model build and is reported separately. By default (``evaluate-in = "next-train"``) the sites
+evaluate a round's global model with the next round's training message, so every round is one message exchange
+whose overhead includes the sites' evaluation; the last round's evaluation is an exchange of its own.
+``+separate`` evaluates every round in an evaluate message of its own (two exchanges per round, as before);
+``+eval-last`` runs with ``evaluate-every = rounds`` (the rounds before the last only train).
 
     python simulations/bench_deploy_overhead.py --rounds 4 --out simulations/results/bench_deploy_overhead.json
 """
@@ -59,7 +61,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def run_variant(root: Path, variant: str, rounds: int, poll: float, local_epochs: int) -> dict:
     isolation, _, eval_rule = variant.partition("+")
+    if eval_rule not in ("", "eval-last", "separate"):
+        raise ValueError(f"variant {variant!r}: the part after '+' must be 'eval-last' or 'separate', got {eval_rule!r}.")
     evaluate_every = rounds if eval_rule == "eval-last" else 1
+    evaluate_in = "separate" if eval_rule == "separate" else "next-train"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", FLWR_HOME=str(root / "flwr"), RAY_TMPDIR=str(root / "ray"),
                FEDEEG_CACHE_DIR=str(root / "cache"))
@@ -87,7 +92,8 @@ def run_variant(root: Path, variant: str, rounds: int, poll: float, local_epochs
             f'[federation]\nname = "bench"\nout = "out"\nsites = 3\nmin_sites = 3\nround_deadline = 600\n'
             f'connect_timeout = 300\n[server]\nhost = "127.0.0.1"\nport = {port}\npoll_interval = {poll}\n'
             f'[run]\nbackbone = "labram-small"\nstrategy = "fedit"\nwindow-seconds = 1.0\nrounds = {rounds}\n'
-            f'local-epochs = {local_epochs}\ndevice = "cpu"\nsites = 3\nevaluate-every = {evaluate_every}\n')
+            f'local-epochs = {local_epochs}\ndevice = "cpu"\nsites = 3\nevaluate-every = {evaluate_every}\n'
+            f'evaluate-in = "{evaluate_in}"\n')
         log = (root / "server.log").open("wb")
         t0 = time.perf_counter()
         server = subprocess.Popen([*FEDEEG, "server", "start", "--config", "federation.toml"], cwd=root, env=env,
@@ -108,13 +114,16 @@ def run_variant(root: Path, variant: str, rounds: int, poll: float, local_epochs
         ups = trains[rec["round"]]["updates"]
         slowest = max(u["num_examples"] * local_epochs / u["windows_per_second"] for u in ups)
         rows.append({"round": rec["round"], "round_seconds": rec["seconds"], "slowest_training_seconds": round(slowest, 3),
-                     "overhead_seconds": round(rec["seconds"] - slowest, 3), "evaluated": bool(rec["test"])})
+                     "overhead_seconds": round(rec["seconds"] - slowest, 3), "evaluated": bool(rec["test"]),
+                     # whether the round's wall time includes an evaluate exchange of its own
+                     "evaluate_exchange": bool(rec["test"]) and (evaluate_in == "separate" or rec["round"] == rounds)})
     later = [r["overhead_seconds"] for r in rows[1:]] or [rows[0]["overhead_seconds"]]
-    train_only = [r["overhead_seconds"] for r in rows[1:] if not r["evaluated"]]
-    return {"variant": variant, "isolation": isolation, "evaluate_every": evaluate_every, "rounds": rows,
+    train_only = [r["overhead_seconds"] for r in rows[1:] if not r["evaluate_exchange"]]
+    return {"variant": variant, "isolation": isolation, "evaluate_every": evaluate_every, "evaluate_in": evaluate_in,
+            "rounds": rows,
             "wall_seconds": round(wall, 1), "first_round_overhead_seconds": rows[0]["overhead_seconds"],
             "median_overhead_seconds_after_round_1": round(statistics.median(later), 3),
-            "median_overhead_seconds_rounds_without_evaluation": round(statistics.median(train_only), 3) if train_only else None}
+            "median_overhead_seconds_one_exchange_rounds": round(statistics.median(train_only), 3) if train_only else None}
 
 
 def main() -> None:
@@ -124,8 +133,9 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.25, help="Polling interval of FedEEG's daemons (s).")
     parser.add_argument("--variants", default="process,subprocess",
                         help="Comma-separated: an isolation ('process' = FedEEG's long-lived ClientApp, 'subprocess' = "
-                             "Flower's default), optionally '+eval-last' (the sites evaluate only after the last round, "
-                             "so the other rounds are one message exchange: evaluate-every = rounds).")
+                             "Flower's default), optionally '+separate' (evaluate-in = separate: an evaluate message "
+                             "after every round) or '+eval-last' (the sites evaluate only after the last round: "
+                             "evaluate-every = rounds).")
     parser.add_argument("--out", default="")
     parser.add_argument("--keep", default="", help="Keep the deployments' folders (logs) here instead of a temp dir.")
     args = parser.parse_args()
@@ -138,8 +148,8 @@ def main() -> None:
             results.append(res)
             print(f"{variant:>10}: first round overhead {res['first_round_overhead_seconds']:.2f} s, later rounds "
                   f"median {res['median_overhead_seconds_after_round_1']:.2f} s (per round: "
-                  f"{[r['overhead_seconds'] for r in res['rounds']]}), rounds without evaluation median "
-                  f"{res['median_overhead_seconds_rounds_without_evaluation']} s, wall {res['wall_seconds']:.0f} s",
+                  f"{[r['overhead_seconds'] for r in res['rounds']]}), one-exchange rounds median "
+                  f"{res['median_overhead_seconds_one_exchange_rounds']} s, wall {res['wall_seconds']:.0f} s",
                   flush=True)
     report = {"sites": 3, "backbone": "labram-small", "strategy": "fedit", "window_seconds": 1.0,
               "local_epochs": args.local_epochs, "poll_seconds": args.poll, "cpu_count": os.cpu_count(),

@@ -643,3 +643,31 @@ def test_object_pull_backoff_is_shortened_in_this_process(monkeypatch):
     for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
         assert f.__kwdefaults__["initial_backoff"] == 0.05 and f.__kwdefaults__["backoff_cap"] == 2.0
         assert f.__kwdefaults__["max_tries_per_object"] == 500  # Flower's limits stay
+
+
+def test_supernode_polls_often_during_a_run_and_seldom_when_idle(monkeypatch, tmp_path):
+    # Prepare: the SuperNode's waits as Flower calls them (0.5 s while a message is handled, 3 s when none came)
+    from flwr.supernode import start_client_internal as sci
+
+    from fedeeg.deploy import _flower
+    from fedeeg.deploy.site_config import ClientConfig
+
+    clock = [1000.0]
+    slept = []
+    monkeypatch.setattr(_flower._time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(_flower._time, "sleep", slept.append)
+    monkeypatch.setattr(sci, "time", sci.time)
+    polls = _flower.ActivePoll(idle=0.25, active=0.05, window=60.0)
+    assert _flower._shorter_supernode_poll(polls)
+    # Execute: idle; a message handled; 30 s later; 61 s later
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    clock[0] += 30
+    sci.time.sleep(3)
+    clock[0] += 31
+    sci.time.sleep(3)
+    # Assert: idle polls at 0.25 s, during the run at 0.05 s, and back to 0.25 s a minute after the last message
+    assert slept == [0.25, 0.05, 0.05, 0.25]
+    with pytest.raises(ValueError, match="active_poll_interval"):
+        ClientConfig(name="s", server="h:1", state_dir=tmp_path, insecure=True, dataset="synthetic",
+                     poll_interval=0.25, active_poll_interval=0.5)

@@ -357,37 +357,73 @@ def test_head_strategy_needs_a_labram_backbone():
         RunConfig(strategy="head", backbone="eegnet")
 
 
-def test_evaluate_every_skips_the_evaluate_exchange_between_evaluated_rounds():
-    # Prepare: 3 rounds, evaluation after every 2nd round and the last; the sites answer in this process
+def _recording_broadcast(cfg: RunConfig, sent: list):
+    """A ``broadcast`` for :func:`run_federation` whose two sites answer in this process; logs what was sent."""
     from flwr.app import Message
 
     from fedeeg.federation.client_app import handle
-    from fedeeg.federation.server_app import run_federation
-
-    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 3}, evaluate_every=2)
-    sent = []
-
-    class _Grid:
-        def get_node_ids(self):
-            return [11, 12]
 
     def broadcast(grid, nodes, content, message_type, rnd):
-        sent.append((rnd, message_type))
+        sent.append((rnd, message_type, dict(content.config_records["config"])))
         replies = []
         for pid, nid in enumerate(nodes):
             msg = Message(content, dst_node_id=nid, message_type=message_type, group_id=str(rnd))
             replies.append(handle(msg, _context(pid), cfg, message_type.split(".")[0]))
         return replies
 
+    return broadcast
+
+
+class _TwoNodes:
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def test_evaluate_every_skips_the_evaluate_exchange_between_evaluated_rounds():
+    # Prepare: 3 rounds, evaluation after every 2nd round and the last, each in an evaluate message of its own
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 3}, evaluate_every=2, evaluate_in="separate")
+    sent = []
     # Execute
-    result = run_federation(_Grid(), cfg, n_sites=2, broadcast=broadcast, node_timeout=1.0)
+    result = run_federation(_TwoNodes(), cfg, n_sites=2, broadcast=_recording_broadcast(cfg, sent), node_timeout=1.0)
     # Assert: round 1 trains only; rounds 2 and 3 also evaluate; records say so
-    assert [t for r, t in sent] == ["train", "train", "evaluate", "train", "evaluate"]
+    assert [t for r, t, _ in sent] == ["train", "train", "evaluate", "train", "evaluate"]
     first, second, last = result.history
     assert first["test"] == {} and first["per_site"] == {} and np.isfinite(first["train_loss"])
     assert 0.0 <= second["test"]["balanced_accuracy"] <= 1.0 and set(last["per_site"]) == set(result.per_site)
     with pytest.raises(ValueError, match="evaluate_every"):
         RunConfig(evaluate_every=0)
+    with pytest.raises(ValueError, match="'evaluate_in'.*'next-train', 'separate'.*got 'later'"):
+        RunConfig(evaluate_in="later")
+
+
+def test_next_train_evaluation_gives_the_separate_evaluations_in_one_exchange_per_round():
+    # Prepare: the same run twice, evaluating in the next round's training message and in messages of their own
+    from fedeeg.federation.server_app import run_federation
+    from fedeeg.models import trainable_state_dict
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 3})
+    seen, sent, checkpoints = [], [], []
+    # Execute
+    folded = run_federation(_TwoNodes(), cfg, n_sites=2, broadcast=_recording_broadcast(cfg, sent), node_timeout=1.0,
+                            on_round=lambda rec: seen.append(rec["round"]),
+                            on_checkpoint=lambda rnd, arrays, history: checkpoints.append(
+                                [(h["round"], bool(h.get("evaluation_pending"))) for h in history]))
+    separate = run_federation(_TwoNodes(), cfg.replace(evaluate_in="separate"), n_sites=2,
+                              broadcast=_recording_broadcast(cfg, []), node_timeout=1.0)
+    # Assert: one exchange per round (plus the last round's evaluation); rounds 2 and 3 ask for the previous
+    # round's evaluation; every record complete at the end, in round order, and equal to the separate run's
+    assert [t for _, t, _ in sent] == ["train", "train", "train", "evaluate"]
+    assert [bool(c.get("evaluate-first")) for _, _, c in sent] == [False, True, True, False]
+    assert seen == [1, 2, 3]
+    assert checkpoints == [[(1, True)], [(1, False), (2, True)], [(1, False), (2, False), (3, False)]]
+    for a, b in zip(folded.history, separate.history):
+        assert a["round"] == b["round"] and a["test"] == b["test"] and a["per_site"] == b["per_site"]
+        assert "evaluation_pending" not in a
+    a, b = (trainable_state_dict(r.models["global"]) for r in (folded, separate))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not cfg.replace(evaluate_in="next-train", sites_per_round=1).evaluates_with_next_train
 
 
 def test_inprocess_engine_runs_the_federation_without_ray(monkeypatch):

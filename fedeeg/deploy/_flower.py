@@ -5,9 +5,12 @@ Two additions to Flower's own ``flower-superlink``/``flower-supernode``:
 - the process ends when the FedEEG daemon that started it dies (even by
   SIGKILL), so a crashed daemon never leaves a SuperLink or SuperNode behind
   (``$FEDEEG_PARENT_PID``);
-- the SuperNode's idle waits (3 s when no message is there, 0.5 s while its
-  ClientApp works) are capped at ``$FEDEEG_SUPERNODE_POLL`` seconds (default
-  0.25): with Flower's values a round (train + evaluate) spends up to ~7 s
+- the SuperNode's waits are shortened: Flower's 0.5 s while its ClientApp
+  works to ``$FEDEEG_SUPERNODE_ACTIVE_POLL`` (default 0.05), and its 3 s
+  when no message is there to the same for a minute after it last handled a
+  message (a run is under way, the next round's message is due), then to
+  ``$FEDEEG_SUPERNODE_POLL`` seconds (default 0.25) while idle
+  (:class:`ActivePoll`). With Flower's values a round spends up to ~7 s
   waiting. Only for flwr 1.42 (the version FedEEG pins); with another layout
   the SuperNode runs unchanged and a line on stderr says so;
 - log lines carry the time (millisecond resolution) and no colour codes;
@@ -34,16 +37,53 @@ def _watch_parent(pid: int) -> None:
     threading.Thread(target=loop, name="fedeeg-parent-watch", daemon=True).start()
 
 
-def _shorter_supernode_poll(poll: float) -> bool:
+class ActivePoll:
+    """A polling interval that is short while a run is under way and longer while idle.
+
+    Parameters
+    ----------
+    idle : float
+        Seconds between polls when no message was handled for ``window`` seconds.
+    active : float
+        Seconds between polls for ``window`` seconds after the last message
+        handled: the next round's message is due, and every poll interval on
+        its way (SuperNode, ClientApp, reply) adds to the round's time.
+    window : float
+        Seconds a run counts as under way after a message was handled.
+    """
+
+    def __init__(self, idle: float, active: float, window: float = 60.0) -> None:
+        self.idle, self.active, self.window = float(idle), min(float(active), float(idle)), float(window)
+        self._last = float("-inf")
+
+    def busy(self) -> None:
+        """Note that a message is being (or was just) handled."""
+        self._last = _time.monotonic()
+
+    @property
+    def interval(self) -> float:
+        """Seconds to wait before the next poll."""
+        return self.active if _time.monotonic() - self._last < self.window else self.idle
+
+
+def _shorter_supernode_poll(polls: ActivePoll) -> bool:
     try:
         from flwr.supernode import start_client_internal as sci
     except ImportError:
         return False
     if not isinstance(getattr(sci, "time", None), types.ModuleType):
         return False
+
+    def sleep(seconds: float) -> None:
+        if seconds < 1.0:  # Flower's 0.5-s waits while a message is handled (its reply, its parts): in memory
+            polls.busy()
+            _time.sleep(min(float(seconds), polls.active))
+        else:  # its 3-s wait when the coordinator had no message
+            _time.sleep(min(float(seconds), polls.interval))
+
     shim = types.ModuleType("time")
     shim.__dict__.update(_time.__dict__)
-    shim.sleep = lambda seconds: _time.sleep(min(float(seconds), poll))
+    shim.sleep = sleep
     sci.time = shim
     return True
 
@@ -98,7 +138,8 @@ def main() -> None:
         _watch_parent(int(parent))
     poll = float(os.environ.get("FEDEEG_SUPERNODE_POLL", "0.25"))
     if which == "supernode" and poll > 0:  # 0: Flower's own waits (benchmarks)
-        if not _shorter_supernode_poll(poll):
+        active = float(os.environ.get("FEDEEG_SUPERNODE_ACTIVE_POLL", "0.05"))
+        if not _shorter_supernode_poll(ActivePoll(poll, active)):
             sys.stderr.write("fedeeg: this flwr version's SuperNode could not be given a shorter poll; it runs unchanged.\n")
         shorter_object_pull_backoff()
     _timestamped_logs()

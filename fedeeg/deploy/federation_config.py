@@ -83,7 +83,7 @@ class FederationConfig:
     metrics_port : int
         Prometheus endpoint port (0: off).
     poll_interval : float
-        Seconds between polls for answers.
+        Seconds between polls of the local SuperLink for the sites' answers during a round.
     run : RunConfig
         The run every site trains (``out`` is set to ``out``).
     """
@@ -103,7 +103,7 @@ class FederationConfig:
     certificates: Path = Path("certs")
     registry: Path = Path("sites.json")
     metrics_port: int = 0
-    poll_interval: float = 0.2
+    poll_interval: float = 0.05
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ One TOML file describes the site's data (``[site]``, ``[data]``, ``[labels]``,
     checkpoint = ""                           # local copy of the federation's backbone checkpoint
     state_dir = "fedeeg-client"               # logs and runtime files
     runtime_port = 9094                       # local port between SuperNode and ClientApp (loopback)
-    poll_interval = 0.25                      # seconds between polls of the coordinator
+    poll_interval = 0.25                      # seconds between polls of the coordinator while idle
+    active_poll_interval = 0.05               # ... for a minute after a message (a run is under way)
     max_backoff = 60.0                        # longest wait between reconnection attempts
 
 A test site instead sets ``dataset = "synthetic"``, ``partition = N`` and
@@ -36,7 +37,7 @@ from . import check_site_name
 CLIENT_DATASETS = ("folder", "synthetic")
 DATA_TABLES = ("site", "data", "labels", "channels")
 _KEYS = {"server", "ca", "key", "identity_key", "roster", "device", "threads", "cache_dir", "checkpoint", "state_dir",
-         "runtime_port", "poll_interval", "max_backoff", "insecure", "dataset", "partition", "name"}
+         "runtime_port", "poll_interval", "active_poll_interval", "max_backoff", "insecure", "dataset", "partition", "name"}
 
 
 class ClientConfigError(ValueError):
@@ -75,7 +76,12 @@ class ClientConfig:
     runtime_port : int
         Loopback port between the SuperNode and the ClientApp process.
     poll_interval : float
-        Seconds between polls of the coordinator for work.
+        Seconds between polls of the coordinator for work while idle.
+    active_poll_interval : float
+        Seconds between polls (of the coordinator, and of the SuperNode by
+        the ClientApp) for a minute after the site handled a message: a run
+        is under way and the next round's message is due. At most
+        ``poll_interval``.
     max_backoff : float
         Longest wait between reconnection attempts.
     insecure : bool
@@ -103,6 +109,7 @@ class ClientConfig:
     checkpoint: str = ""
     runtime_port: int = 9094
     poll_interval: float = 0.25
+    active_poll_interval: float = 0.05
     max_backoff: float = 60.0
     insecure: bool = False
     dataset: str = "folder"
@@ -117,6 +124,7 @@ class ClientConfig:
         check_range("threads", self.threads, low=1, kind=int)
         check_range("runtime_port", self.runtime_port, low=1, high=65535, kind=int)
         check_range("poll_interval", float(self.poll_interval), low=0.01, high=10.0)
+        check_range("active_poll_interval", float(self.active_poll_interval), low=0.01, high=float(self.poll_interval))
         check_range("max_backoff", float(self.max_backoff), low=1.0)
         check_range("partition", self.partition, low=0, kind=int)
         if not isinstance(self.server, str) or ":" not in self.server:
@@ -227,7 +235,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
             p = Path(kwargs[key]).expanduser()
             kwargs[key] = p if p.is_absolute() else (base / p).resolve()
     kwargs.setdefault("state_dir", (base / "fedeeg-client").resolve())
-    for key in ("poll_interval", "max_backoff"):
+    for key in ("poll_interval", "active_poll_interval", "max_backoff"):
         if isinstance(kwargs.get(key), int) and not isinstance(kwargs.get(key), bool):
             kwargs[key] = float(kwargs[key])
     try:

@@ -135,8 +135,16 @@ def _rolora_phase(model, cfg: RunConfig, server_round: int):
             p.requires_grad_(True)
 
 
-def train_local(cfg: RunConfig, message: Message, pid: int, site) -> tuple[dict, dict, object]:
+def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
+                evaluation: dict | None = None) -> tuple[dict, dict, object]:
     """Load the server's tensors, train this round's tensors on the site's windows.
+
+    Parameters
+    ----------
+    evaluation : dict | None
+        If given, the received global model is first evaluated on the site's
+        held-out windows and :func:`fedeeg.training.evaluate`'s numbers are
+        put in this dict (the server asked with ``evaluate-first``).
 
     Returns
     -------
@@ -146,8 +154,8 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site) -> tuple[dict,
         The tensors that trained this round (all, or this round's half under ``rolora``).
     result : fedeeg.training.TrainResult
     """
-    from ..models import load_trainable_state_dict, trainable_state_dict
-    from ..training import train_epochs
+    from ..models import trainable_state_dict
+    from ..training import evaluate, train_epochs
 
     model = _model(cfg, len(site.train.label_names))
     if R.ARRAYS not in message.content.array_records:
@@ -155,6 +163,8 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site) -> tuple[dict,
     record = message.content.array_records[R.ARRAYS]
     _load_for_site(model, cfg, record, site.name)
     global_arrays = R.record_to_numpy(record)
+    if evaluation is not None:  # the global model as received, as an evaluate message would see it
+        evaluation.update(evaluate(model, site.test, device=cfg.device))
     server_round = int(message.content.config_records.get(R.CONFIG, ConfigRecord()).get("server-round", 0))
     with _rolora_phase(model, cfg, server_round):
         result = train_epochs(
@@ -193,7 +203,9 @@ def _handle(message: Message, context: Context, override: RunConfig | None, acti
             raise ValueError("This run has secure=True: the site answers only secure-aggregation messages for "
                              "training, never plain updates.")
         secure.check_failure(cfg, pid, "train", site.name)
-        global_arrays, trained, result = train_local(cfg, message, pid, site)
+        round_cfg = message.content.config_records.get(R.CONFIG, ConfigRecord())
+        evaluation = {} if bool(round_cfg.get(R.EVALUATE_FIRST, False)) else None
+        global_arrays, trained, result = train_local(cfg, message, pid, site, evaluation=evaluation)
         if cfg.clip > 0:
             from ..aggregation import clip_update
 
@@ -210,6 +222,8 @@ def _handle(message: Message, context: Context, override: RunConfig | None, acti
             }),
             R.SITE: site_rec,
         })
+        if evaluation is not None:
+            content[R.EVALUATION] = R.eval_to_metric_record(evaluation)
     else:
         model = _model(cfg, len(site.train.label_names))
         if R.ARRAYS not in message.content.array_records:

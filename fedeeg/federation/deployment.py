@@ -151,6 +151,9 @@ class ClientWorker:
         self.capture = capture
         self.data_file = site.data_site_file() if site.dataset == "folder" else None
         self.tasks_done = 0
+        from ..deploy._flower import ActivePoll
+
+        self.polls = ActivePoll(site.poll_interval, site.active_poll_interval)
         os.environ["FEDEEG_CLIENT_THREADS"] = str(site.threads)
 
     def warm_up(self) -> None:
@@ -188,12 +191,13 @@ class ClientWorker:
                 backoff = min(backoff * 2, self.site.max_backoff)
                 continue
             if got is None:
-                stop.wait(self.site.poll_interval)
+                stop.wait(self.polls.interval)
                 continue
             try:
                 self.run_task(got[0])
             except Exception as err:  # one failed task never ends the daemon
                 logger.error("ClientApp task failed: %s", err)
+            self.polls.busy()  # the next round's message is due: poll its SuperNode often for a while
         if client is not None:
             client.close()
 
@@ -599,12 +603,11 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
     closer = RoundCloser(fed, node_names=node_names, audit=audit, metrics=metrics,
                          registry=fed.registry if node_names else None)
     nodes = wait_for_sites(grid, fed, node_names or {})
-    history = list(resume[2]) if resume else []
     start = time.perf_counter()
     wall_before = float(latest.state.get("wall_seconds", 0.0)) if latest else 0.0
 
-    def on_checkpoint(rnd: int, arrays: dict, rec: dict) -> None:
-        history.append(rec)
+    def on_checkpoint(rnd: int, arrays: dict, history: list[dict]) -> None:
+        rec = history[-1]
         manifest = store.save(rnd, arrays, {"history": history, "config_hash": config_hash(cfg.to_dict()),
                                             "wall_seconds": wall_before + time.perf_counter() - start})
         audit.append("round-end", round=rnd, rejected=rec.get("rejected", []), sites_answered=rec.get("sites_answered"),
@@ -613,7 +616,8 @@ def run_deployment(grid, fed: FederationConfig, *, node_names: dict[int, str] | 
         if metrics:
             metrics.set("round", rnd)
             metrics.set("round_seconds", float(rec.get("seconds", 0.0)))
-        _append_jsonl(out / "metrics.jsonl", rec, truncate_first=(rnd == 1))
+        # the rounds whose records are complete (a round evaluated with the next round's training waits for it)
+        _write_jsonl(out / "metrics.jsonl", [h for h in history if not h.get("evaluation_pending")])
 
     # Secure rounds exchange their four stages directly (not through the closer): each stage waits at most the
     # round deadline unless the run sets its own reply_timeout, so a dead site never hangs a secure round.
@@ -632,11 +636,13 @@ def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def _append_jsonl(path: Path, rec: dict, *, truncate_first: bool) -> None:
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write ``records`` as JSON lines, atomically (write-then-rename)."""
     from ..outputs import _json_default, _nan_to_none
 
-    with path.open("w" if truncate_first else "a") as f:
-        f.write(json.dumps(_nan_to_none(rec), default=_json_default) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(_nan_to_none(rec), default=_json_default) + "\n" for rec in records))
+    os.replace(tmp, path)
 
 
 def serve_server_task(fed: FederationConfig, *, address: str, insecure: bool, ca_cert: bytes | None, run_id: int,

@@ -7,6 +7,10 @@ A site's reply carries exactly three records:
 - ``metrics`` (MetricRecord): aggregate scalars (counts, loss, metrics, a
   confusion matrix) — never per-window values;
 - ``site`` (ConfigRecord): the site's name, channel names and sfreq.
+
+A training reply may carry a fourth, ``evaluation`` (MetricRecord): the same
+aggregate numbers as an evaluate reply's ``metrics``, for the global model the
+message brought, when the server asked for them (:data:`EVALUATE_FIRST`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 SITE = "site"
 CONFIG = "config"
+#: A training reply's evaluation of the global model it received (the previous round's).
+EVALUATION = "evaluation"
+#: Round-config key: evaluate the received global model before training, answer under :data:`EVALUATION`.
+EVALUATE_FIRST = "evaluate-first"
 
 METRIC_KEYS = ("balanced_accuracy", "cohen_kappa", "macro_f1", "auroc")
 
@@ -129,14 +137,21 @@ def metric_record_to_eval(rec: MetricRecord) -> dict:
 CHECKPOINT_SHA = "checkpoint-sha256"
 
 
-def round_config(rnd: int, checkpoint: str = "") -> ConfigRecord:
+def round_config(rnd: int, checkpoint: str = "", *, evaluate_first: bool = False) -> ConfigRecord:
     """The ``config`` record of a round's messages: ``server-round``, and the sha256 of the backbone checkpoint.
+
+    ``evaluate_first`` (training messages): the sites evaluate the global
+    model they receive (the previous round's) before they train, and send the
+    numbers with their update (:data:`EVALUATION`), which saves the round an
+    evaluate exchange of its own.
 
     With a checkpoint, every site checks that its own copy has the same
     sha256 before it trains or evaluates (:func:`check_backbone`), so no site
     silently adapts another model.
     """
     rec = ConfigRecord({"server-round": int(rnd)})
+    if evaluate_first:
+        rec[EVALUATE_FIRST] = True
     if checkpoint:
         from .._hashing import sha256_file_cached
 

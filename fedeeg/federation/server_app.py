@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..aggregation import UpdateRejected, aggregate, check_norm, check_update, travelling_names
 from ..config import RunConfig
-from ..experiment import RunResult, build_model, round_record, run_labels
+from ..experiment import RunResult, build_model, complete_evaluation, round_record, run_labels
 from ..metrics import pool_metrics
 from . import records as R
 
@@ -80,7 +80,9 @@ def run_federation(
     n_sites : int
         Sites to wait for before the first round.
     on_round : callable | None
-        Called with each round's record (progress display).
+        Called with each round's record (progress display) once it is
+        complete: with ``evaluate_in='next-train'`` an evaluated round's record
+        is complete when the next round's training replies bring its metrics.
     node_timeout : float
         Seconds to wait for the sites to connect.
     broadcast : callable | None
@@ -90,9 +92,12 @@ def run_federation(
         :mod:`fedeeg.federation.deployment`).
     resume : (int, dict, list) | None
         Continue after a checkpoint: the last round done, the global arrays
-        then and the rounds' records so far.
+        then and the rounds' records so far (the last one may still be marked
+        ``evaluation_pending``: its sites then evaluate it with the next round).
     on_checkpoint : callable | None
-        Called after each round as ``on_checkpoint(rnd, global_arrays, rec)``.
+        Called after each round as ``on_checkpoint(rnd, global_arrays, history)``
+        with the rounds' records so far; the last one is marked
+        ``evaluation_pending`` while its held-out metrics are still to come.
     roster : dict of int to bytes | None
         Secure aggregation: the sites' raw Ed25519 identity public keys by
         protocol id (deployment: :func:`fedeeg.deploy.roster.registry_public_keys`);
@@ -147,6 +152,9 @@ def run_federation(
                 accountant.step(rec["secure"]["dp"]["noise_multiplier"])
         logger.info("Secure aggregation: clip %g, DP noise multiplier %g, threshold %s, neighbours %s",
                     cfg.norm_bound, cfg.dp_sigma, cfg.secagg_threshold, cfg.secagg_neighbours or "auto")
+    fold = cfg.evaluates_with_next_train and by_pid is None
+    # the record whose global model the sites evaluate with this round's training message (evaluate_in='next-train')
+    pending = history[-1] if history and history[-1].get("evaluation_pending") else None
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         extra: dict = {}
@@ -175,44 +183,40 @@ def run_federation(
             if outcome.failed:
                 extra["failed"] = outcome.failed
         else:
-            global_arrays, losses, rejected, up_sizes, down_size, n_answered = _plain_round(
-                send, grid, round_nodes, cfg, global_arrays, rnd, site_names, site_info)
+            global_arrays, losses, rejected, up_sizes, down_size, n_answered, replies = _plain_round(
+                send, grid, round_nodes, cfg, global_arrays, rnd, site_names, site_info,
+                evaluate_first=pending is not None)
+            if pending is not None:  # the previous round's held-out metrics came with this round's updates
+                evaluated = _evaluations(replies, pending["round"], R.EVALUATION, site_names, site_info)
+                complete_evaluation(pending, evaluated)
+                if on_round:
+                    on_round(pending)
+                pending = None
         bytes_down.append(float(down_size))
         bytes_up.extend(float(s) for s in up_sizes)
 
-        per_site = {}
         evaluate_now = cfg.evaluates_after(rnd)
-        eval_replies = []
-        if evaluate_now:  # the global model is packed only for a round whose sites evaluate it
+        defer = evaluate_now and fold and rnd < cfg.rounds
+        per_site = {}
+        if evaluate_now and not defer:  # the global model is packed only for a round whose sites evaluate it now
             content = RecordDict({R.ARRAYS: R.state_to_record(R.numpy_to_state(global_arrays)),
                                   R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
             eval_replies = send(grid, eval_nodes, content, MessageType.EVALUATE, rnd)
-        for reply in eval_replies:
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
-                continue
-            try:
-                name = str(reply.content.config_records[R.SITE]["name"])
-                per_site[name] = R.metric_record_to_eval(reply.content.metric_records[R.METRICS])
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("Round %d: malformed evaluation reply from site %s ignored (missing or bad %s).",
-                               rnd, site_names.get(nid, nid), exc)
-                continue
-            if name in site_info:
-                site_info[name]["test_windows"] = per_site[name]["n_windows"]
-        per_site = dict(sorted(per_site.items()))
-        if evaluate_now and not per_site:
-            raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
+            per_site = _evaluations(eval_replies, rnd, R.METRICS, site_names, site_info)
         rec = round_record(rnd, per_site, losses, time.perf_counter() - t0,
                             sites_answered=n_answered, rejected=rejected,
                             bytes_up_per_site=int(np.mean(up_sizes)) if up_sizes else 0,
                             bytes_down_per_site=int(down_size), **extra)
+        if defer:
+            rec["evaluation_pending"] = True
+            pending = rec
+            logger.info("Round %d trained (loss %.4g); the sites evaluate its global model with round %d's training.",
+                        rnd, rec["train_loss"], rnd + 1)
         history.append(rec)
-        if on_round:
+        if on_round and not defer:
             on_round(rec)
         if on_checkpoint:
-            on_checkpoint(rnd, global_arrays, rec)
+            on_checkpoint(rnd, global_arrays, history)
     load_trainable_state_dict(model, R.numpy_to_state({**global_arrays, **initial_local}))
     first = next(iter(site_info.values()), {"ch_names": [], "sfreq": 200.0})
     return RunResult(
@@ -247,17 +251,47 @@ def _secure_summary(cfg: RunConfig, history: list[dict], accountant) -> dict:
     return {"secure_aggregation": out}
 
 
+def _evaluations(replies: list[Message], rnd: int, key: str, site_names: dict, site_info: dict) -> dict[str, dict]:
+    """The sites' held-out metrics of round ``rnd``'s global model, by site name, from their replies' ``key`` record.
+
+    Raises
+    ------
+    RuntimeError
+        If no site could evaluate it.
+    """
+    per_site = {}
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("Round %d: evaluation at site %s failed: %s", rnd, site_names.get(nid, nid), reply.error.reason)
+            continue
+        try:
+            name = str(reply.content.config_records[R.SITE]["name"])
+            per_site[name] = R.metric_record_to_eval(reply.content.metric_records[key])
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("Round %d: malformed evaluation reply from site %s ignored (missing or bad %s).",
+                           rnd, site_names.get(nid, nid), exc)
+            continue
+        if name in site_info:
+            site_info[name]["test_windows"] = per_site[name]["n_windows"]
+    if not per_site:
+        raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
+    return dict(sorted(per_site.items()))
+
+
 def _plain_round(send: Callable[..., list[Message]], grid: Grid, nodes: list[int], cfg: RunConfig,
-                 global_arrays: dict, rnd: int, site_names: dict, site_info: dict):
+                 global_arrays: dict, rnd: int, site_names: dict, site_info: dict, *, evaluate_first: bool = False):
     """One training round with updates in the clear: check each, merge with ``cfg.aggregation``.
 
     Under ``rolora`` only this round's half of the adapter (and the head) is
-    expected back and merged; the other half keeps its global value.
+    expected back and merged; the other half keeps its global value. With
+    ``evaluate_first`` the sites also evaluate the global model they receive
+    (the previous round's) before training; the replies are returned for it.
     """
     travel = travelling_names(global_arrays, cfg.strategy, rnd)
     reference = {k: global_arrays[k] for k in travel}
     down = R.state_to_record(R.numpy_to_state(global_arrays))
-    content = RecordDict({R.ARRAYS: down, R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
+    content = RecordDict({R.ARRAYS: down, R.CONFIG: R.round_config(rnd, cfg.checkpoint, evaluate_first=evaluate_first)})
     replies = send(grid, nodes, content, MessageType.TRAIN, rnd)
     updates, losses, rejected, up_sizes = [], [], [], []
     for reply in replies:
@@ -295,7 +329,7 @@ def _plain_round(send: Callable[..., list[Message]], grid: Grid, nodes: list[int
         global_arrays = {**global_arrays, **aggregate(updates, cfg.aggregation)}
     else:
         logger.error("Round %d: no valid update from any site; the global model is unchanged.", rnd)
-    return global_arrays, losses, rejected, up_sizes, down.count_bytes(), len(updates)
+    return global_arrays, losses, rejected, up_sizes, down.count_bytes(), len(updates), replies
 
 
 def make_server_app(
