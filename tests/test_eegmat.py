@@ -191,3 +191,51 @@ def test_real_year_split(eegmat_dir):
     for site in sites:
         counts = site.windows.class_counts()
         assert counts[0] == counts[1] == 15 * site.info["n_subjects"]
+
+
+# --- window packs (export_eegmat_pack): the eegmat folder without EDF files or MNE ---------------------------------
+
+
+def test_window_pack_gives_the_same_sites_bit_for_bit(fake_eegmat, tmp_path):
+    # Prepare
+    from fedeeg.data.eegmat import PACK_MANIFEST, export_eegmat_pack
+
+    pack = export_eegmat_pack(fake_eegmat, tmp_path / "pack")
+    # Execute
+    a = load_eegmat_sites(fake_eegmat, n_sites=None)
+    b = load_eegmat_sites(pack, n_sites=None)
+    # Assert: same sites, subjects and windows; no EDF file in the pack, only arrays + the CSV + the manifest
+    assert not list(pack.glob("*.edf"))
+    assert (pack / PACK_MANIFEST).is_file() and (pack / "subject-info.csv").is_file()
+    assert [(s.name, s.info) for s in a] == [(s.name, s.info) for s in b]
+    for sa, sb in zip(a, b):
+        assert sa.windows.X.tobytes() == sb.windows.X.tobytes()
+        assert sa.windows.y.tolist() == sb.windows.y.tolist()
+        assert sa.windows.subject.tolist() == sb.windows.subject.tolist()
+        assert sa.windows.ch_names == sb.windows.ch_names and sa.windows.sfreq == sb.windows.sfreq
+
+
+def test_window_pack_serves_only_its_spec_and_checks_its_arrays(fake_eegmat, tmp_path):
+    # Prepare
+    from fedeeg.data.eegmat import export_eegmat_pack
+
+    pack = export_eegmat_pack(fake_eegmat, tmp_path / "pack", subjects=["Subject01"])
+    # Execute / Assert: another spec needs the EDF files
+    with pytest.raises(ValueError, match=r"pack .* holds windows preprocessed with .* serves only"):
+        load_eegmat_subject(pack, "Subject01", PreprocessSpec(window_seconds=2.0))
+    # a damaged array is refused, naming the file
+    fname = pack / "Subject01.f32shuf.xz"
+    import lzma
+
+    data = bytearray(lzma.decompress(fname.read_bytes()))
+    data[0] ^= 1
+    fname.write_bytes(lzma.compress(bytes(data)))
+    with pytest.raises(OSError, match=r"Subject01\.f32shuf\.xz.*checksum"):
+        load_eegmat_subject(pack, "Subject01")
+
+
+def test_window_pack_refuses_the_edf_folder_itself(fake_eegmat):
+    from fedeeg.data.eegmat import export_eegmat_pack
+
+    with pytest.raises(ValueError, match="another folder"):
+        export_eegmat_pack(fake_eegmat, fake_eegmat)

@@ -12,14 +12,29 @@ acquisition batches); ``split="subject"`` deals subjects round-robin into
 Subjects are memoised in-process; with ``cache_dir`` they are also cached on
 disk (:class:`~fedeeg.data.cache.WindowCache`, keyed on the two EDF files'
 contents, the spec and this loader's windowing and labels).
+
+A *window pack* (:func:`export_eegmat_pack`) is an eegmat folder that holds,
+instead of the EDF files, every subject's preprocessed windows, losslessly
+compressed (float32 bytes, byte-shuffled, xz; about 80 % of the raw arrays),
+with ``subject-info.csv`` and a manifest recording the spec, this loader's key
+material and the sha256 of the EDF files they came from. ``load_eegmat_sites``
+reads such a folder like the original one (same subjects, same sites, the same
+windows bit for bit) without MNE or the EDF files, for machines where neither
+can go (a GPU host without a package index). A pack only serves the spec it was
+made with; any other spec needs the EDF files.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import json
 import logging
+import lzma
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +44,8 @@ from .base import Site, WindowSet
 from .cache import WindowCache
 from .preprocessing import PreprocessSpec, make_windows, preprocess_raw, reject_windows
 
-__all__ = ["LABEL_NAMES", "load_eegmat_sites", "load_eegmat_subject", "read_subject_info"]
+__all__ = ["LABEL_NAMES", "PACK_MANIFEST", "export_eegmat_pack", "load_eegmat_sites", "load_eegmat_subject",
+           "read_subject_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +172,8 @@ def _cache_extra() -> dict:
 @functools.lru_cache(maxsize=64)
 def _load_subject_cached(path: str, subject: str, spec: PreprocessSpec, cache_dir: str | None = None) -> WindowSet:
     f_rest, f_task = _files(Path(path), subject)
+    if not (f_rest.is_file() and f_task.is_file()) and subject in _pack_subjects(Path(path)):
+        return _load_from_pack(Path(path), subject, spec)
     if cache_dir is None:
         return _compute_subject(f_rest, f_task, subject, spec)
     for fname in (f_rest, f_task):
@@ -242,9 +260,12 @@ def _available_subjects(path: Path, info: dict[str, dict], subjects) -> list[str
                 f"subjects {unknown} are not in {path / 'subject-info.csv'}; known subjects: {sorted(info)}."
             )
     present = []
+    packed = _pack_subjects(path)
     for subject in wanted:
         missing = [p.name for p in _files(path, subject) if not p.is_file()]
-        if missing:
+        if missing and subject in packed:
+            present.append(subject)
+        elif missing:
             logger.warning("eegmat: skipping %s, missing file(s) %s in %s.", subject, missing, path)
         else:
             present.append(subject)
@@ -333,3 +354,149 @@ def load_eegmat_sites(
         windows = WindowSet.concatenate(parts)
         sites.append(Site(name, windows, {**extra, "n_subjects": len(members), "n_windows": windows.n_windows}))
     return sites
+
+
+# --- window packs ----------------------------------------------------------------------------------------------------
+
+#: The manifest of a window pack (see :func:`export_eegmat_pack`); its presence makes a folder a pack.
+PACK_MANIFEST = "fedeeg-windows-pack.json"
+_PACK_FORMAT = "fedeeg-eegmat-window-pack"
+_PACK_VERSION = 1
+
+
+def _loader_material() -> dict:
+    """This loader's key material that a pack must match (the disk cache's, less the library versions)."""
+    return {"dataset": "eegmat", "loader_version": LOADER_VERSION, "label_names": list(LABEL_NAMES),
+            "rest_seconds": REST_SECONDS}
+
+
+@functools.lru_cache(maxsize=16)
+def _read_pack_manifest(path: str, mtime_ns: int) -> dict:
+    manifest = json.loads((Path(path) / PACK_MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("format") != _PACK_FORMAT or manifest.get("format_version") != _PACK_VERSION:
+        raise ValueError(f"{Path(path) / PACK_MANIFEST}: not a FedEEG eegmat window pack of format version "
+                         f"{_PACK_VERSION} (format {manifest.get('format')!r}, version {manifest.get('format_version')!r}).")
+    return manifest
+
+
+def _pack_manifest(path: Path) -> dict | None:
+    fname = path / PACK_MANIFEST
+    if not fname.is_file():
+        return None
+    return _read_pack_manifest(str(path), fname.stat().st_mtime_ns)
+
+
+def _pack_subjects(path: Path) -> frozenset[str]:
+    manifest = _pack_manifest(path)
+    return frozenset(manifest["subjects"]) if manifest else frozenset()
+
+
+def _shuffle(X: np.ndarray) -> bytes:
+    """float32 bytes grouped by byte position (all first bytes, then all second ...): sign and exponent compress."""
+    return np.ascontiguousarray(X, dtype="<f4").view(np.uint8).reshape(-1, 4).T.tobytes()
+
+
+def _unshuffle(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    planes = np.frombuffer(data, dtype=np.uint8).reshape(4, -1)
+    return np.ascontiguousarray(planes.T).view("<f4").reshape(shape).astype(np.float32, copy=False)
+
+
+def _load_from_pack(path: Path, subject: str, spec: PreprocessSpec) -> WindowSet:
+    manifest = _pack_manifest(path)
+    packed_spec = PreprocessSpec.from_dict(manifest["spec"])
+    if packed_spec != spec:
+        raise ValueError(
+            f"The eegmat window pack {str(path)!r} holds windows preprocessed with {packed_spec}, but this run asks for "
+            f"{spec}. A pack serves only the preprocessing it was made with: run with that one, or use the folder of "
+            f"EDF files (or make a pack for this spec with export_eegmat_pack)."
+        )
+    if manifest["loader"] != _loader_material():
+        raise ValueError(f"The eegmat window pack {str(path)!r} was made by another eegmat loader "
+                         f"({manifest['loader']}; this one is {_loader_material()}): make it again from the EDF files.")
+    entry = manifest["subjects"][subject]
+    data = lzma.decompress((path / entry["file"]).read_bytes())
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise OSError(f"{path / entry['file']}: the windows do not match the pack's checksum (file damaged?); "
+                      f"copy the pack again.")
+    X = _unshuffle(data, tuple(entry["shape"]))
+    X.flags.writeable = False
+    y = np.asarray(entry["y"], dtype=np.int64)
+    logger.debug("eegmat: %s from the window pack %s.", subject, path)
+    return WindowSet(X, y, np.full(len(X), subject), tuple(manifest["ch_names"]), float(manifest["sfreq"]), LABEL_NAMES)
+
+
+def export_eegmat_pack(data_dir, dest, *, spec: PreprocessSpec = PreprocessSpec(), subjects=None, cache_dir=None,
+                       preset: int = 6) -> Path:
+    """Write an eegmat window pack: every subject's preprocessed windows, losslessly compressed, in ``dest``.
+
+    ``dest`` then works as an eegmat ``data_dir`` for runs with ``spec``
+    (:func:`load_eegmat_sites` reads the windows from the pack, bit for bit
+    those of the EDF folder), without the EDF files and without MNE.
+
+    Parameters
+    ----------
+    data_dir : path-like
+        The eegmat folder with the EDF files.
+    dest : path-like
+        The pack's folder (created; must not hold EDF files).
+    spec : PreprocessSpec
+        The preprocessing of the windows (the one the runs use).
+    subjects : list | None
+        Subjects to pack (default: all with both EDF files).
+    cache_dir : path-like | None
+        Disk cache of windows to read (and fill), as in :func:`load_eegmat_subject`.
+    preset : int
+        xz preset (0-9).
+
+    Returns
+    -------
+    dest : Path
+        Holding ``subject-info.csv``, :data:`PACK_MANIFEST` and one ``SubjectNN.f32shuf.xz`` per subject.
+    """
+    import mne
+
+    src = _data_dir(data_dir)
+    out = Path(dest).expanduser()
+    if out.resolve() == src:
+        raise ValueError(f"dest must be another folder than the EDF folder {str(src)!r}.")
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.edf")):
+        raise ValueError(f"dest {str(out)!r} holds EDF files: give an empty folder for the pack.")
+    info = read_subject_info(src)
+    present = _available_subjects(src, info, subjects)
+    shutil.copyfile(src / "subject-info.csv", out / "subject-info.csv")
+    entries: dict[str, dict] = {}
+    ch_names = sfreq = None
+    for subject in present:
+        windows = load_eegmat_subject(src, subject, spec, cache_dir=cache_dir)
+        if ch_names is None:
+            ch_names, sfreq = list(windows.ch_names), float(windows.sfreq)
+        elif list(windows.ch_names) != ch_names or float(windows.sfreq) != sfreq:
+            raise ValueError(f"{subject}: channels or rate differ from the other subjects' ({windows.ch_names}, "
+                             f"{windows.sfreq} Hz); a pack holds one montage.")
+        data = _shuffle(windows.X)
+        fname = f"{subject}.f32shuf.xz"
+        tmp = out / f".{fname}.tmp"
+        tmp.write_bytes(lzma.compress(data, preset=preset))
+        os.replace(tmp, out / fname)
+        entries[subject] = {
+            "file": fname, "shape": list(windows.X.shape), "dtype": "<f4", "sha256": hashlib.sha256(data).hexdigest(),
+            "y": windows.y.tolist(),
+            "sources": [{"path": f.name, "size": f.stat().st_size, "sha256": _sha256(f)} for f in _files(src, subject)],
+        }
+        logger.info("eegmat pack: %s (%d windows) -> %s", subject, windows.n_windows, out / fname)
+    from .. import __version__
+
+    manifest = {"format": _PACK_FORMAT, "format_version": _PACK_VERSION, "spec": spec.to_dict(),
+                "loader": _loader_material(), "made_with": {"fedeeg": __version__, "mne": mne.__version__},
+                "ch_names": ch_names, "sfreq": sfreq, "label_names": list(LABEL_NAMES), "subjects": entries}
+    tmp = out / f".{PACK_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / PACK_MANIFEST)  # last: a folder without it is no pack
+    return out
+
+
+def _sha256(fname: Path) -> str:
+    from .._hashing import sha256_file
+
+    return sha256_file(fname)
