@@ -186,10 +186,17 @@ def _explicit_options(ctx: typer.Context) -> dict:
     """The simulate options given on the command line (not left at their defaults), as RunConfig settings."""
     from click.core import ParameterSource
 
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    defaults = {p.name: norm(p.default) for p in ctx.command.params}
     given = {}
     for name, field in _SIMULATE_FIELDS.items():
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-            value = ctx.params[name]
+        value = norm(ctx.params[name])
+        # a value other than the option's default counts as given too: some click/typer versions report every
+        # parameter's source as DEFAULT (seen on a host with another typer: `--out` was dropped)
+        if (ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+                or value != defaults.get(name, value)):
             given[field] = ",".join(value) if name == "site" else value
     return given
 

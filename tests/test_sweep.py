@@ -216,3 +216,21 @@ def test_engine_option_is_validated_and_passed_on_to_the_cells(tmp_path, monkeyp
     assert bad.exit_code == 2 and "--engine" in bad.output and "'inprocess'" in bad.output
     assert ok.exit_code == 0 and os.environ["FEDEEG_ENGINE"] == "inprocess"
     monkeypatch.delenv("FEDEEG_ENGINE")
+
+
+def test_simulate_options_given_count_even_where_click_reports_every_source_as_default(monkeypatch):
+    # Prepare: a click/typer pair whose parameter sources all read DEFAULT (seen on the GPU host)
+    import click
+    from click.core import ParameterSource
+    from typer.testing import CliRunner
+
+    import fedeeg.cli as cli
+
+    seen = []
+    monkeypatch.setattr(click.Context, "get_parameter_source", lambda self, name: ParameterSource.DEFAULT)
+    monkeypatch.setattr(cli, "_simulate_scenario", lambda ctx, name, verbose, debug: seen.append(cli._explicit_options(ctx)))
+    # Execute
+    CliRunner().invoke(cli.app, ["simulate", "--scenario", "x", "--out", "cell-dir", "--rounds", "4"])
+    CliRunner().invoke(cli.app, ["simulate", "--scenario", "x"])
+    # Assert: the options given override the scenario; the others (lists included) are left to it
+    assert seen == [{"out": "cell-dir", "rounds": 4}, {}]
