@@ -86,6 +86,9 @@ def groups(seeds: str) -> dict[str, tuple[str, dict]]:
         "head": (f"mode=federated,centralized,local strategy=head {s}", {}),
         "rank": (f"strategy=ffa,fedit lora_rank=1,4,8,16 {s}", {"mode": "federated"}),
         "targets": (f"lora_preset=qkv,mlp,convs,qkv+convs,mlp+convs {s}", {"mode": "federated", "strategy": "ffa"}),
+        # the centralized and local-only arms of the rank sweep (plain LoRA) and of the target subsets
+        "rank-arms": (f"mode=centralized,local lora_rank=1,4,8,16 {s}", {"strategy": "fedit"}),
+        "target-arms": (f"mode=centralized,local lora_preset=qkv,mlp,convs,qkv+convs,mlp+convs {s}", {"strategy": "ffa"}),
     }
 
 

@@ -636,13 +636,14 @@ def test_object_pull_backoff_is_shortened_in_this_process(monkeypatch):
     for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
         monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))
     # Execute
-    changed = shorter_object_pull_backoff(0.05, cap=2.0)
+    changed = shorter_object_pull_backoff(0.02, cap=0.1, patience=600.0)
     unchanged = shorter_object_pull_backoff(0)
-    # Assert: both pull paths ask again after 0.05 s; 0 leaves Flower's waits
+    # Assert: both pull paths ask again after 0.02 s, at most every 0.1 s, for 10 minutes; 0 leaves Flower's waits
     assert changed and not unchanged
     for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
-        assert f.__kwdefaults__["initial_backoff"] == 0.05 and f.__kwdefaults__["backoff_cap"] == 2.0
-        assert f.__kwdefaults__["max_tries_per_object"] == 500  # Flower's limits stay
+        assert f.__kwdefaults__["initial_backoff"] == 0.02 and f.__kwdefaults__["backoff_cap"] == 0.1
+        assert f.__kwdefaults__["max_tries_per_object"] == 6000
+        assert f.__kwdefaults__["max_time"] == 7200  # Flower's overall limit stays
 
 
 def test_supernode_polls_often_during_a_run_and_seldom_when_idle(monkeypatch, tmp_path):

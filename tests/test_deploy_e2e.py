@@ -221,7 +221,7 @@ def test_site_traffic_holds_only_adapter_and_aggregates(deployment, uninterrupte
         assert set(reply["metrics"]) <= {"metrics", "evaluation"} and "metrics" in reply["metrics"]
         for record in reply["metrics"].values():
             assert set(record) <= {"num-examples", "train-loss", "windows-per-second", "balanced-accuracy",
-                                   "cohen-kappa", "macro-f1", "auroc", "confusion"}
+                                   "cohen-kappa", "macro-f1", "auroc", "confusion", "seconds"}
     assert any("evaluation" in reply["metrics"] for reply in replies)  # round 1's evaluation rode on round 2
 
 

@@ -144,7 +144,8 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
     evaluation : dict | None
         If given, the received global model is first evaluated on the site's
         held-out windows and :func:`fedeeg.training.evaluate`'s numbers are
-        put in this dict (the server asked with ``evaluate-first``).
+        put in this dict, with the evaluation's ``seconds`` (the server asked
+        with ``evaluate-first``).
 
     Returns
     -------
@@ -164,7 +165,11 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
     _load_for_site(model, cfg, record, site.name)
     global_arrays = R.record_to_numpy(record)
     if evaluation is not None:  # the global model as received, as an evaluate message would see it
+        import time
+
+        t0 = time.perf_counter()
         evaluation.update(evaluate(model, site.test, device=cfg.device))
+        evaluation["seconds"] = time.perf_counter() - t0
     server_round = int(message.content.config_records.get(R.CONFIG, ConfigRecord()).get("server-round", 0))
     with _rolora_phase(model, cfg, server_round):
         result = train_epochs(
@@ -224,6 +229,7 @@ def _handle(message: Message, context: Context, override: RunConfig | None, acti
         })
         if evaluation is not None:
             content[R.EVALUATION] = R.eval_to_metric_record(evaluation)
+            content[R.EVALUATION]["seconds"] = float(evaluation["seconds"])
     else:
         model = _model(cfg, len(site.train.label_names))
         if R.ARRAYS not in message.content.array_records:

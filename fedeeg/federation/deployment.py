@@ -512,6 +512,8 @@ class RoundCloser:
                 updates.append({"site": self.name(nid), "bytes": size, "l2_norm": norm,
                                 "num_examples": _finite(m.get("num-examples")),
                                 "windows_per_second": _finite(m.get("windows-per-second"))})
+                if R.EVALUATION in r.content.metric_records:  # the previous round's model, evaluated first
+                    updates[-1]["evaluate_seconds"] = _finite(r.content.metric_records[R.EVALUATION].get("seconds"))
                 if self.metrics:
                     self.metrics.inc("bytes_up", size)
         if self.metrics:

@@ -10,7 +10,8 @@ A site's reply carries exactly three records:
 
 A training reply may carry a fourth, ``evaluation`` (MetricRecord): the same
 aggregate numbers as an evaluate reply's ``metrics``, for the global model the
-message brought, when the server asked for them (:data:`EVALUATE_FIRST`).
+message brought, and the evaluation's ``seconds``, when the server asked for
+them (:data:`EVALUATE_FIRST`).
 """
 
 from __future__ import annotations
