@@ -487,3 +487,25 @@ def test_a_sites_first_error_is_logged_under_its_known_name():
                             site_names={11: "hospital-a", 12: "hospital-b"})
     # Assert
     assert result.history[0]["rejected"] == [{"site": "hospital-b", "reason": "disk full"}]
+
+
+def test_next_train_evaluation_waits_through_a_skipped_round():
+    # Prepare: 3 rounds; round 2's training is skipped (no site answers in time: the deployment closer returns none)
+    from fedeeg.federation.server_app import run_federation
+
+    cfg = RunConfig(strategy="ffa", **{**SMALL, "rounds": 3})
+    sent = []
+    answer = _recording_broadcast(cfg, sent)
+
+    def broadcast(grid, nodes, content, message_type, rnd):
+        replies = answer(grid, nodes, content, message_type, rnd)
+        return [] if (rnd, message_type) == (2, "train") else replies
+
+    # Execute
+    result = run_federation(_TwoNodes(), cfg, n_sites=2, broadcast=broadcast, node_timeout=1.0)
+    # Assert: round 1's evaluation is asked for again with round 3 and, the global model being unchanged by the
+    # skipped round 2, serves rounds 1 and 2 alike; nothing is left pending and the run ends normally
+    first, second, third = result.history
+    assert [bool(c.get("evaluate-first")) for _, t, c in sent if t == "train"] == [False, True, True]
+    assert second["sites_answered"] == 0 and first["test"] and first["test"] == second["test"]
+    assert third["test"] and not any("evaluation_pending" in h for h in result.history)

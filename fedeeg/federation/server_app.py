@@ -153,8 +153,9 @@ def run_federation(
         logger.info("Secure aggregation: clip %g, DP noise multiplier %g, threshold %s, neighbours %s",
                     cfg.norm_bound, cfg.dp_sigma, cfg.secagg_threshold, cfg.secagg_neighbours or "auto")
     fold = cfg.evaluates_with_next_train and by_pid is None
-    # the record whose global model the sites evaluate with this round's training message (evaluate_in='next-train')
-    pending = history[-1] if history and history[-1].get("evaluation_pending") else None
+    # the records whose global model the sites evaluate with this round's training message (evaluate_in='next-train');
+    # more than one only after rounds that changed nothing (skipped), so they all share that model
+    pending = [h for h in history if h.get("evaluation_pending")]
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         extra: dict = {}
@@ -185,13 +186,9 @@ def run_federation(
         else:
             global_arrays, losses, rejected, up_sizes, down_size, n_answered, replies = _plain_round(
                 send, grid, round_nodes, cfg, global_arrays, rnd, site_names, site_info,
-                evaluate_first=pending is not None)
-            if pending is not None:  # the previous round's held-out metrics came with this round's updates
-                evaluated = _evaluations(replies, pending["round"], R.EVALUATION, site_names, site_info)
-                complete_evaluation(pending, evaluated)
-                if on_round:
-                    on_round(pending)
-                pending = None
+                evaluate_first=bool(pending))
+            if pending:  # the previous round's held-out metrics came with this round's updates
+                pending = _settle_pending(pending, replies, n_answered, rnd, site_names, site_info, on_round)
         bytes_down.append(float(down_size))
         bytes_up.extend(float(s) for s in up_sizes)
 
@@ -203,13 +200,18 @@ def run_federation(
                                   R.CONFIG: R.round_config(rnd, cfg.checkpoint)})
             eval_replies = send(grid, eval_nodes, content, MessageType.EVALUATE, rnd)
             per_site = _evaluations(eval_replies, rnd, R.METRICS, site_names, site_info)
+            for rec in pending:  # still waiting after rounds that changed nothing: the same global model
+                complete_evaluation(rec, per_site)
+                if on_round:
+                    on_round(rec)
+            pending = []
         rec = round_record(rnd, per_site, losses, time.perf_counter() - t0,
                             sites_answered=n_answered, rejected=rejected,
                             bytes_up_per_site=int(np.mean(up_sizes)) if up_sizes else 0,
                             bytes_down_per_site=int(down_size), **extra)
         if defer:
             rec["evaluation_pending"] = True
-            pending = rec
+            pending.append(rec)
             logger.info("Round %d trained (loss %.4g); the sites evaluate its global model with round %d's training.",
                         rnd, rec["train_loss"], rnd + 1)
         history.append(rec)
@@ -251,13 +253,37 @@ def _secure_summary(cfg: RunConfig, history: list[dict], accountant) -> dict:
     return {"secure_aggregation": out}
 
 
-def _evaluations(replies: list[Message], rnd: int, key: str, site_names: dict, site_info: dict) -> dict[str, dict]:
+def _settle_pending(pending: list[dict], replies: list[Message], n_answered: int, rnd: int, site_names: dict,
+                    site_info: dict, on_round: Callable[[dict], None] | None) -> list[dict]:
+    """Complete the records waiting for their evaluation from round ``rnd``'s training replies; return those still waiting.
+
+    Without any evaluation in the replies, the records keep waiting if no
+    update was merged (the round was skipped: the next round's message brings
+    the same global model), and are closed without held-out metrics otherwise.
+    """
+    evaluated = _evaluations(replies, pending[-1]["round"], R.EVALUATION, site_names, site_info, required=False)
+    if not evaluated and n_answered == 0:
+        logger.warning("Round %d: no site answered, so round %s's evaluation is asked for again with the next round.",
+                       rnd, pending[-1]["round"])
+        return pending
+    if not evaluated:
+        logger.warning("Round %d: no site sent its evaluation of round %s's global model; that round has no held-out "
+                       "metrics.", rnd, pending[-1]["round"])
+    for rec in pending:
+        complete_evaluation(rec, evaluated)
+        if on_round:
+            on_round(rec)
+    return []
+
+
+def _evaluations(replies: list[Message], rnd: int, key: str, site_names: dict, site_info: dict, *,
+                 required: bool = True) -> dict[str, dict]:
     """The sites' held-out metrics of round ``rnd``'s global model, by site name, from their replies' ``key`` record.
 
     Raises
     ------
     RuntimeError
-        If no site could evaluate it.
+        If ``required`` and no site could evaluate it.
     """
     per_site = {}
     for reply in replies:
@@ -274,7 +300,7 @@ def _evaluations(replies: list[Message], rnd: int, key: str, site_names: dict, s
             continue
         if name in site_info:
             site_info[name]["test_windows"] = per_site[name]["n_windows"]
-    if not per_site:
+    if not per_site and required:
         raise RuntimeError(f"Round {rnd}: no site could evaluate the global model; see the sites' errors above.")
     return dict(sorted(per_site.items()))
 
