@@ -7,13 +7,15 @@ CUDA), the same budget (10 rounds x 2 local epochs, batch 32, the default learni
 (3 sites), the same windows and seeds 0, 1, 2. Federated cells use the in-process engine (``FEDEEG_ENGINE=inprocess``:
 no Ray; the same Flower messages and results as the Ray engine).
 
-Groups of cells (each a ``fedeeg sweep`` grid; 75 cells for 3 seeds):
+Groups of cells (each a ``fedeeg sweep`` grid; 129 cells for 3 seeds):
 
 * ``paper``:   mode = federated, centralized, local  x  strategy = ffa, fedit   (LoRA ``paper`` preset, rank 2)
 * ``full``:    mode = federated, centralized, local  x  strategy = full         (full fine-tuning)
 * ``head``:    mode = federated, centralized, local  x  strategy = head         (frozen backbone, head only)
 * ``rank``:    federated  x  strategy = ffa, fedit  x  lora_rank = 1, 4, 8, 16  (rank 2 is in ``paper``)
 * ``targets``: federated ffa  x  lora_preset = qkv, mlp, convs, qkv+convs, mlp+convs
+* ``rank-arms``:   centralized, local  x  fedit  x  lora_rank = 1, 4, 8, 16
+* ``target-arms``: centralized, local  x  ffa  x  lora_preset = qkv, mlp, convs, qkv+convs, mlp+convs
 
 Three steps:
 

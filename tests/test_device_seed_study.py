@@ -26,9 +26,10 @@ def _args(tmp_path, **kw):
 def test_plan_is_the_labram_small_grid_with_labram_base(study, tmp_path):
     # Execute
     cells = study.plan(_args(tmp_path))
-    # Assert: 25 settings x 3 seeds, one folder each, every cell the study's budget on eegmat's year split
-    assert len(cells) == 75 and len({c.out for c in cells}) == 75
-    assert {c.group for c in cells} == {"paper", "full", "head", "rank", "targets"}
+    # Assert: 43 settings x 3 seeds (25 + the centralized and local arms of the rank sweep and the target subsets),
+    # one folder each, every cell the study's budget on eegmat's year split
+    assert len(cells) == 129 and len({c.out for c in cells}) == 129
+    assert {c.group for c in cells} == {"paper", "full", "head", "rank", "targets", "rank-arms", "target-arms"}
     for c in cells:
         s = c.settings
         assert (s["dataset"], s["split"], s["backbone"], s["device"], s["rounds"], s["local_epochs"]) == \
@@ -36,6 +37,8 @@ def test_plan_is_the_labram_small_grid_with_labram_base(study, tmp_path):
     ranks = sorted({(c.settings["strategy"], c.settings.get("lora_rank", 2)) for c in cells if c.group == "rank"})
     assert ranks == [(s, r) for s in ("fedit", "ffa") for r in (1, 4, 8, 16)]
     assert {c.settings["lora_preset"] for c in cells if c.group == "targets"} == {"qkv", "mlp", "convs", "qkv+convs", "mlp+convs"}
+    arms = {(c.group, c.settings["mode"]) for c in cells if c.group.endswith("-arms")}
+    assert arms == {(g, m) for g in ("rank-arms", "target-arms") for m in ("centralized", "local")}
     assert [c.settings["seed"] for c in cells] == sorted(c.settings["seed"] for c in cells)  # seed-major
 
 
