@@ -150,14 +150,14 @@ def test_secure_equals_plain_with_real_local_training(monkeypatch):
     monkeypatch.setattr(fedeeg.training, "evaluate", fake_evaluate)
     real, recorded = client_app.train_local, {}
 
-    def record(cfg, message, pid, site):
-        recorded[pid] = real(cfg, message, pid, site)
+    def record(cfg, message, pid, site, **kwargs):  # kwargs: the plain run's evaluation of the previous round
+        recorded[pid] = real(cfg, message, pid, site, **kwargs)
         return recorded[pid]
 
     cfg = RunConfig(strategy="ffa", sites=3, **SMALL)
     monkeypatch.setattr(client_app, "train_local", record)
     plain, _ = _run(cfg, 3)
-    monkeypatch.setattr(client_app, "train_local", lambda cfg, message, pid, site: recorded[pid])
+    monkeypatch.setattr(client_app, "train_local", lambda cfg, message, pid, site, **kwargs: recorded[pid])
     # Execute
     secure, _ = _run(cfg.replace(secure=True), 3)
     # Assert
