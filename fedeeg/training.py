@@ -232,7 +232,10 @@ def predict_proba(
     ch_names = list(windows.ch_names)
     out = []
     for i in range(0, windows.n_windows, batch_size):
-        xb = torch.from_numpy(windows.X[i : i + batch_size]).to(dev)  # (batch, n_chans, n_times)
+        batch = windows.X[i : i + batch_size]
+        if not batch.flags.writeable:  # read-only windows (kept on a device, or from a window pack): torch warns
+            batch = batch.copy()
+        xb = torch.from_numpy(batch).to(dev)  # (batch, n_chans, n_times)
         with _autocast(dev, amp):
             logits = model(xb, ch_names)  # (batch, n_outputs)
         out.append(torch.softmax(logits.float(), dim=-1).cpu())
