@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._hashing import sha256_file
 from .._validation import check_option, check_range
 from .base import Site, WindowSet
 from .cache import WindowCache
@@ -482,7 +483,7 @@ def export_eegmat_pack(data_dir, dest, *, spec: PreprocessSpec = PreprocessSpec(
         entries[subject] = {
             "file": fname, "shape": list(windows.X.shape), "dtype": "<f4", "sha256": hashlib.sha256(data).hexdigest(),
             "y": windows.y.tolist(),
-            "sources": [{"path": f.name, "size": f.stat().st_size, "sha256": _sha256(f)} for f in _files(src, subject)],
+            "sources": [{"path": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)} for f in _files(src, subject)],
         }
         logger.info("eegmat pack: %s (%d windows) -> %s", subject, windows.n_windows, out / fname)
     from .. import __version__
@@ -495,8 +496,3 @@ def export_eegmat_pack(data_dir, dest, *, spec: PreprocessSpec = PreprocessSpec(
     os.replace(tmp, out / PACK_MANIFEST)  # last: a folder without it is no pack
     return out
 
-
-def _sha256(fname: Path) -> str:
-    from .._hashing import sha256_file
-
-    return sha256_file(fname)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -165,8 +166,6 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
     _load_for_site(model, cfg, record, site.name)
     global_arrays = R.record_to_numpy(record)
     if evaluation is not None:  # the global model as received, as an evaluate message would see it
-        import time
-
         t0 = time.perf_counter()
         evaluation.update(evaluate(model, site.test, device=cfg.device))
         evaluation["seconds"] = time.perf_counter() - t0
