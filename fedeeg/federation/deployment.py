@@ -640,11 +640,9 @@ def _finite(v):
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     """Write ``records`` as JSON lines, atomically (write-then-rename)."""
-    from ..outputs import _json_default, _nan_to_none
+    from ..outputs import _atomic_write, _json_default, _nan_to_none
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_nan_to_none(rec), default=_json_default) + "\n" for rec in records))
-    os.replace(tmp, path)
+    _atomic_write(path, "".join(json.dumps(_nan_to_none(rec), default=_json_default) + "\n" for rec in records))
 
 
 def serve_server_task(fed: FederationConfig, *, address: str, insecure: bool, ca_cert: bytes | None, run_id: int,
