@@ -51,14 +51,16 @@ from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
 from fedeeg.models import LoraSpec, apply_lora, build_backbone  # noqa: E402
 from fedeeg.training import _autocast, _windows_on_device, train_epochs  # noqa: E402
 
-LR = {"lora": 5e-3, "full": 5e-4}
+LR = {"lora": 5e-3, "lora-nodrop": 5e-3, "full": 5e-4}
 
 
 def make_model(backbone: str, mode: str, seed: int) -> nn.Module:
     model = build_backbone(backbone, n_outputs=2, seed=seed)
     if mode == "full":
         return model
-    model = apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=0.5, conv_rank=4), freeze_a=False, seed=seed)
+    # 'lora-nodrop': the paper preset without its LoRA dropout, to measure what the dropout costs.
+    dropout = 0.0 if mode == "lora-nodrop" else 0.5
+    model = apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=dropout, conv_rank=4), freeze_a=False, seed=seed)
     return model
 
 
@@ -130,7 +132,11 @@ def profile(args, windows: WindowSet, dev: torch.device) -> None:
         train_epochs(model, sub, epochs=1, lr=LR[mode], batch_size=batch, device=dev, compile=args.compile)
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(f"profile: {mode}, batch {batch}, 3 steps")
-    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    table = prof.key_averages().table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=90)
+    print(table)
+    if args.profile_out is not None:
+        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
+        args.profile_out.write_text(f"profile: {mode}, batch {batch}, 3 steps\n{table}\n")
 
 
 def main() -> None:
@@ -138,7 +144,7 @@ def main() -> None:
     p.add_argument("--backbone", default="labram-base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "lora-nodrop", "full"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     p.add_argument("--seconds", type=float, default=4.0, help="window length in seconds")
@@ -148,6 +154,10 @@ def main() -> None:
     p.add_argument("--attention", choices=["fused", "sdpa"], default="fused",
                    help="LaBraM attention on CUDA: FedEEG's fused short-sequence kernel (default) or F.scaled_dot_product_attention")
     p.add_argument("--attn-warps", type=int, default=None, help="warps per program of the fused attention kernel")
+    p.add_argument("--profile-rows", type=int, default=30, help="rows of the --profile table")
+    p.add_argument("--profile-out", type=Path, default=None, help="also write the --profile table to this file")
+    p.add_argument("--loops", choices=["both", "ours"], default="both",
+                   help="'ours' skips the bare loop (for trying variants; ratios need 'both')")
     p.add_argument("--order", choices=["bare-first", "ours-first"], default="bare-first")
     p.add_argument("--out", type=Path, default=ROOT / "simulations" / "results")
     p.add_argument("--tag", default=None, help="suffix of the output files (default: the device type)")
@@ -177,7 +187,7 @@ def main() -> None:
     for mode in args.modes:
         for batch in args.batch_sizes:
             rec = {"mode": mode, "batch": batch}
-            runs = [("bare", bare_loop), ("ours", ours)]
+            runs = [("bare", bare_loop), ("ours", ours)] if args.loops == "both" else [("ours", ours)]
             if args.order == "ours-first":
                 runs.reverse()
             for name, fn in runs:
@@ -188,10 +198,12 @@ def main() -> None:
                 rec[f"{name}_wps"] = fn(model, windows, batch, args.steps, args.warmup, LR[mode], dev, args.compile)
                 rec[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
                 del model
-            rec["ratio"] = rec["ours_wps"] / rec["bare_wps"]
+            rec.setdefault("bare_wps", None)
+            rec.setdefault("bare_peak_gib", None)
+            rec["ratio"] = rec["ours_wps"] / rec["bare_wps"] if rec["bare_wps"] else None
             rows.append(rec)
-            fmt = lambda v: f"{v:13.2f}" if v is not None else f"{'-':>13}"  # noqa: E731
-            print(f"{mode:5} {batch:6d} {rec['bare_wps']:10.1f} {rec['ours_wps']:10.1f} {rec['ratio']:9.3f} {fmt(rec['bare_peak_gib'])} {fmt(rec['ours_peak_gib'])}", flush=True)
+            fmt = lambda v, w=13: f"{v:{w}.2f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+            print(f"{mode:5} {batch:6d} {fmt(rec['bare_wps'], 10)} {rec['ours_wps']:10.1f} {fmt(rec['ratio'], 9)} {fmt(rec['bare_peak_gib'])} {fmt(rec['ours_peak_gib'])}", flush=True)
 
     if args.profile:
         profile(args, windows, dev)
@@ -224,7 +236,8 @@ def main() -> None:
     ]
     for r in rows:
         pk = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['bare_wps']:.0f} | {r['ours_wps']:.0f} | {r['ratio']:.2f} | {pk(r['bare_peak_gib'])} | {pk(r['ours_peak_gib'])} |")
+        num = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        lines.append(f"| {r['mode']} | {r['batch']} | {num(r['bare_wps'], '.0f')} | {r['ours_wps']:.0f} | {num(r['ratio'], '.2f')} | {pk(r['bare_peak_gib'])} | {pk(r['ours_peak_gib'])} |")
     (args.out / f"bench_train_speed_{tag}.md").write_text("\n".join(lines) + "\n")
     print(f"saved {args.out / f'bench_train_speed_{tag}.json'}")
 
