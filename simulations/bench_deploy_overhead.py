@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--keep", default="", help="Keep the deployments' folders (logs) here instead of a temp dir.")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="fedeeg-bench-deploy-") as tmp:
         if args.keep:
@@ -162,7 +163,7 @@ def main() -> None:
                   flush=True)
     report = {"sites": 3, "backbone": "labram-small", "strategy": "fedit", "window_seconds": 1.0,
               "local_epochs": args.local_epochs, "poll_seconds": args.poll, "cpu_count": os.cpu_count(),
-              "load_average_at_end": os.getloadavg(), "results": results}
+              "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(), "results": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
