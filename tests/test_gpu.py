@@ -89,13 +89,30 @@ def test_pretraining_runs_on_cuda_with_bf16(monkeypatch):
     print(f"pretraining: {result.history[-1]['windows_per_second']:.0f} windows/s")
 
 
+#: Kernel configurations of fedeeg.models._short_attention: (impl, BLOCK_M, NUM_WARPS); None: the default.
+SHORT_ATTENTION_CONFIGS = [
+    ("tile", None, None),
+    ("qblock", None, None),
+    ("qblock", 16, 4),
+    ("qblock", 32, 4),
+    ("qblock", 64, 4),
+    ("qblock", 32, 8),
+    ("qblock", 16, 2),
+    ("qblock", (64, 16), (8, 4)),
+]
+
+
+@pytest.mark.parametrize(("impl", "block_m", "warps"), SHORT_ATTENTION_CONFIGS, ids=str)
 @pytest.mark.parametrize("shape", [(64, 10, 77, 20), (8, 5, 5, 20), (4, 3, 128, 64), (16, 2, 33, 8)])
-def test_short_attention_kernel_matches_sdpa_forward_and_backward(shape):
+def test_short_attention_kernel_matches_sdpa_forward_and_backward(monkeypatch, shape, impl, block_m, warps):
     # Prepare: fresh random inputs, non-contiguous q/k/v as in LaBraM (views of one qkv tensor)
     import torch.nn.functional as F
 
-    from fedeeg.models._short_attention import short_attention, short_attention_supported
+    from fedeeg.models import _short_attention as sa
 
+    monkeypatch.setattr(sa, "IMPL", impl)
+    monkeypatch.setattr(sa, "BLOCK_M", block_m)
+    monkeypatch.setattr(sa, "NUM_WARPS", warps)
     B, H, T, D = shape
     gen = torch.Generator(device="cuda").manual_seed(sum(shape))
     qkv = torch.randn(B, T, 3, H, D, device="cuda", generator=gen).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
@@ -103,28 +120,34 @@ def test_short_attention_kernel_matches_sdpa_forward_and_backward(shape):
     grad = torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     scale = D**-0.5
-    assert short_attention_supported(q, k, v)
+    assert sa.short_attention_supported(q, k, v)
     # Execute
-    out = short_attention(q, k, v, scale)  # (B, T, H, D)
+    out = sa.short_attention(q, k, v, scale)  # (B, T, H, D)
     out.backward(grad)
     ref = F.scaled_dot_product_attention(qr, kr, vr, scale=scale).transpose(1, 2)  # float64 reference
     ref.backward(grad.double())
+    lse = sa._forward(q.detach(), k.detach(), v.detach(), scale)[1]
+    ref_lse = torch.logsumexp(qr.detach() @ kr.detach().transpose(-1, -2) * scale, dim=-1)
     # Assert: bf16 operands, float32 accumulation -> relative error well under 2e-2, every element written
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
     assert out.shape == (B, T, H, D) and torch.isfinite(out).all()
     assert rel(out, ref) < 2e-2
+    assert rel(lse, ref_lse) < 1e-4  # float32 sums of exact bf16 products
     for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
         assert got.shape == want.shape and torch.isfinite(got).all()
         assert rel(got, want) < 3e-2
 
 
-def test_labram_uses_the_short_attention_kernel_under_autocast_and_compile():
+@pytest.mark.parametrize("impl", ["tile", "qblock"])
+def test_labram_uses_the_short_attention_kernel_under_autocast_and_compile(monkeypatch, impl):
     # Prepare
     from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab
     from fedeeg.models import _short_attention as sa
     from fedeeg.models import build_backbone
+
+    monkeypatch.setattr(sa, "IMPL", impl)
 
     ch = to_vocab(EEGMAT_CHANNELS)
     model = build_backbone("labram-base", seed=0).cuda().eval()

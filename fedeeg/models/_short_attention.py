@@ -8,21 +8,66 @@ kernel and accumulates ``dq`` through a float32 buffer. Measured on an H200
 (batch 1024, 10 heads, fwd+bwd): 1.41 ms per layer, about 17 of the 57 ms of a
 LaBraM-Base LoRA training step.
 
-Here the whole sequence of one (window, head) pair fits in one tile, so one
-Triton program computes it in registers:
+Here all keys and values of one (window, head) pair fit in one tile, so one
+Triton program computes the whole pair, without atomics and without a
+pre-processing kernel. Two implementations, chosen by :data:`IMPL`:
 
-* forward: ``S = q k^T * scale``, row softmax, ``O = P v``; it also writes the
-  row log-sum-exp for the backward pass, and ``O`` directly in the
-  ``(batch, n_tokens, num_heads, head_dim)`` layout the output projection
-  reads, so no transpose copy follows;
-* backward: recomputes ``P`` from the log-sum-exp, then ``dv = P^T do``,
-  ``dP = do v^T``, ``dS = P * (dP - rowsum(do * O))``, ``dq = dS k * scale``,
-  ``dk = dS^T q * scale``, all in one program and without atomics.
+``"tile"``
+    The whole ``(n_tokens, n_tokens)`` score matrix in one padded tile
+    (128 x 128 for 77 tokens):
 
-Operands of the matrix products are in the inputs' dtype (bf16 or fp16) and
-the products accumulate in float32, as in flash attention. The ops are
-registered with ``torch.library.custom_op`` so they work eagerly, under
+    * forward: ``S = q k^T * scale``, row softmax, ``O = P v``; it also writes
+      the row log-sum-exp for the backward pass;
+    * backward: recomputes ``P`` from the log-sum-exp, then ``dv = P^T do``,
+      ``dP = do v^T``, ``dS = P * (dP - rowsum(do * O))``,
+      ``dq = dS k * scale``, ``dk = dS^T q * scale``.
+
+    The backward holds ``S``, ``P``, ``dP`` and ``dS`` as 128 x 128 float32
+    tiles: heavy register pressure, and 51 of 128 rows are padding.
+
+``"qblock"``
+    ``K`` and ``V`` (and in the backward the float32 ``dK``, ``dV``
+    accumulators) stay resident while the program loops over blocks of
+    :data:`BLOCK_M` query rows:
+
+    * forward, per block: ``S_blk = q_blk k^T``, row softmax (base 2), ``O_blk =
+      P_blk v / rowsum``, and the block's log-sum-exp;
+    * backward, per block, with keys as rows so that the products over the
+      128 key rows come first (``S_blk^T = k q_blk^T``): ``P_blk^T`` from the
+      saved log-sum-exp, ``dV += P_blk^T do_blk``, ``dP_blk^T = v do_blk^T``,
+      ``delta_blk = rowsum(do_blk * O_blk)``, ``dS_blk^T = P_blk^T *
+      (dP_blk^T - delta_blk)``, ``dK += dS_blk^T q_blk``; and ``dq_blk =
+      dS_blk k * scale``, complete (all keys are resident) and written at once.
+
+    Only ``BLOCK_M x 128`` score tiles are live, and the padding of the query
+    side shrinks to less than one block (77 rows: 80 with blocks of 16, 96
+    with 32).
+
+Both write ``O`` directly in the ``(batch, n_tokens, num_heads, head_dim)``
+layout the output projection reads (no transpose copy follows), the same
+natural-log log-sum-exp, and contiguous ``(batch, num_heads, n_tokens,
+head_dim)`` gradients, so a forward of one may be paired with a backward of
+the other. Operands of the matrix products are in the inputs' dtype (bf16 or
+fp16) and the products accumulate in float32, as in flash attention. The ops
+are registered with ``torch.library.custom_op`` so they work eagerly, under
 autograd, and as opaque kernels under ``torch.compile``.
+
+Tuning knobs, read from the environment at import and kept as module
+attributes (which the launches read at every call, so a benchmark may change
+them between calls):
+
+``FEDEEG_SHORT_ATTENTION_IMPL`` (:data:`IMPL`)
+    ``tile`` (default) or ``qblock``, or ``tile,qblock`` (forward,
+    backward).
+``FEDEEG_SHORT_ATTENTION_BLOCK_M`` (:data:`BLOCK_M`)
+    Query rows per block of ``qblock``, a power of two >= 16: ``32`` for both
+    passes, or ``64,16`` for the forward and the backward.
+``FEDEEG_SHORT_ATTENTION_WARPS`` (:data:`NUM_WARPS`)
+    Warps per program, both implementations: ``4`` or ``8,4``
+    (forward, backward); ``0``: the default.
+``FEDEEG_SHORT_ATTENTION_STAGES`` (:data:`NUM_STAGES`)
+    Triton's ``num_stages`` (software pipelining of the ``qblock`` loop):
+    ``2`` or ``3,2``; unset or ``0``: Triton's default.
 
 :func:`short_attention_supported` says when the kernel applies; everything
 else (CPU, float32, long sequences, no Triton) uses
@@ -49,6 +94,79 @@ MAX_TOKENS = 128
 MAX_HEAD_DIM = 64
 _DTYPES = (torch.bfloat16, torch.float16)
 
+#: The implementations :data:`IMPL` may name.
+IMPLS = ("tile", "qblock")
+#: Query rows per block of the ``qblock`` forward and backward when :data:`BLOCK_M` is unset.
+DEFAULT_BLOCK_M = (64, 32)
+
+
+def _parse_pair(name: str, value: str | None, *, pow2: bool = False) -> int | tuple[int, int] | None:
+    """Parse an environment knob ``N`` or ``F,B`` (forward, backward); unset or empty: None.
+
+    Parameters
+    ----------
+    name : str
+        The variable's name, for the error message.
+    value : str or None
+        Its value.
+    pow2 : bool
+        Require powers of two >= 16 (block sizes); else integers >= 0, where 0 stands for the default.
+
+    Returns
+    -------
+    int, tuple of two ints, or None
+
+    Raises
+    ------
+    ValueError
+        When the value is not one or two integers >= 0 (powers of two >= 16 with ``pow2``).
+    """
+    if value is None or not value.strip():
+        return None
+    try:
+        parts = [int(x) for x in value.replace(" ", "").split(",")]
+    except ValueError:
+        parts = []
+    ok = len(parts) in (1, 2) and all((p >= 16 and p & (p - 1) == 0) if pow2 else p >= 0 for p in parts)
+    if not ok:
+        want = "powers of two >= 16" if pow2 else "integers >= 0 (0: the default)"
+        raise ValueError(f"{name}={value!r}: expected N or F,B (forward, backward), {want}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _check_impl(impl: str) -> str:
+    impl = impl.strip().lower()
+    if impl not in IMPLS:
+        raise ValueError(f"FEDEEG_SHORT_ATTENTION_IMPL: {impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+def _parse_impl(value: str | None) -> str | tuple[str, str]:
+    """Parse ``FEDEEG_SHORT_ATTENTION_IMPL``: ``tile``, ``qblock`` or ``F,B`` (forward, backward); unset: ``tile``."""
+    parts = [_check_impl(x) for x in (value or "tile").split(",")]
+    if len(parts) > 2:
+        raise ValueError(f"FEDEEG_SHORT_ATTENTION_IMPL={value!r}: expected one implementation or two (forward, backward)")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+#: Which kernels run: ``"tile"`` (one padded n_tokens x n_tokens tile) or ``"qblock"`` (loop over query
+#: blocks), or a (forward, backward) pair of these.
+IMPL: str | tuple[str, str] = _parse_impl(os.environ.get("FEDEEG_SHORT_ATTENTION_IMPL"))
+#: Query rows per block of ``qblock``: an int for both passes, a (forward, backward) pair, or None
+#: (:data:`DEFAULT_BLOCK_M`). Clamped to the padded sequence length.
+BLOCK_M: int | tuple[int, int] | None = _parse_pair(
+    "FEDEEG_SHORT_ATTENTION_BLOCK_M", os.environ.get("FEDEEG_SHORT_ATTENTION_BLOCK_M"), pow2=True
+)
+#: Warps per program: an int for both passes, a (forward, backward) pair, or None (tile: 8 for
+#: 128-token tiles, else 4; qblock: 4); for tuning.
+NUM_WARPS: int | tuple[int, int] | None = _parse_pair(
+    "FEDEEG_SHORT_ATTENTION_WARPS", os.environ.get("FEDEEG_SHORT_ATTENTION_WARPS")
+)
+#: Triton ``num_stages``: an int, a (forward, backward) pair, or None (Triton's default).
+NUM_STAGES: int | tuple[int, int] | None = _parse_pair(
+    "FEDEEG_SHORT_ATTENTION_STAGES", os.environ.get("FEDEEG_SHORT_ATTENTION_STAGES")
+)
+
 
 def short_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`short_attention` takes these ``(batch, num_heads, n_tokens, head_dim)`` tensors."""
@@ -74,13 +192,19 @@ def _next_pow2(n: int, low: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels():
-    """Compile-on-first-use Triton kernels (imported lazily: CPU installs have no Triton)."""
+def _kernels() -> dict:
+    """Compile-on-first-use Triton kernels (imported lazily: CPU installs have no Triton).
+
+    Returns
+    -------
+    dict
+        ``{(impl, "fwd" | "bwd"): kernel}`` for every impl of :data:`IMPLS`.
+    """
     import triton
     import triton.language as tl
 
     @triton.jit
-    def fwd(
+    def tile_fwd(
         Q, K, V, O, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         H, T, scale,
@@ -106,7 +230,7 @@ def _kernels():
         tl.store(LSE + pid * T + t, mx + tl.log(denom), mask=tm)
 
     @triton.jit
-    def bwd(
+    def tile_bwd(
         Q, K, V, O, DO, LSE, DQ, DK, DV,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt,
         H, T, scale,
@@ -139,37 +263,229 @@ def _kernels():
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=m2)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=m2)
 
-    return fwd, bwd
+    @triton.jit
+    def qblock_fwd(
+        Q, K, V, O, LSE,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        H, T, scale,
+        BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        t = tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        tm = t < T
+        kv_mask = tm[:, None] & dm[None, :]
+        k = tl.load(K + b * skb + h * skh + t[:, None] * skt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=kv_mask, other=0.0)
+        key_bias = tl.where(tm, 0.0, float("-inf"))  # padded keys drop out of the softmax
+        qk_scale = scale * 1.4426950408889634  # log2(e): scores in base-2 units, exp2 instead of exp
+        q_ptr = Q + b * sqb + h * sqh
+        o_ptr = O + b * sob + h * soh
+        lse_ptr = LSE + pid * T
+        for start in range(0, T, BLOCK_M):
+            m = start + tl.arange(0, BLOCK_M)
+            mm = m < T
+            m2 = mm[:, None] & dm[None, :]
+            q = tl.load(q_ptr + m[:, None] * sqt + d[None, :], mask=m2, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale + key_bias[None, :]  # (BLOCK_M, BLOCK_T), float32
+            mx = tl.max(s, 1)
+            p = tl.exp2(s - mx[:, None])
+            denom = tl.sum(p, 1)
+            o = tl.dot(p.to(v.dtype), v) / denom[:, None]  # (BLOCK_M, BLOCK_D)
+            tl.store(o_ptr + m[:, None] * sot + d[None, :], o.to(O.dtype.element_ty), mask=m2)
+            tl.store(lse_ptr + m, (mx + tl.log2(denom)) * 0.6931471805599453, mask=mm)  # ln(2): natural-log lse, as tile's
+
+    @triton.jit
+    def qblock_bwd(
+        Q, K, V, O, DO, LSE, DQ, DK, DV,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt,
+        H, T, scale,
+        BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        t = tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        tm = t < T
+        kv_mask = tm[:, None] & dm[None, :]
+        k = tl.load(K + b * skb + h * skh + t[:, None] * skt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634  # log2(e)
+        q_ptr = Q + b * sqb + h * sqh
+        o_ptr = O + b * sob + h * soh
+        do_ptr = DO + b * sdb + h * sdh
+        lse_ptr = LSE + pid * T
+        out = pid * T * D  # contiguous (B, H, T, D) gradients
+        for start in range(0, T, BLOCK_M):
+            # Padded query rows (m >= T) load q = do = o = 0 and lse = 0: P^T = 1 there, but
+            # do = 0 and dS^T = 0, so they add nothing to dV or dK; their dq is not stored.
+            m = start + tl.arange(0, BLOCK_M)
+            mm = m < T
+            m2 = mm[:, None] & dm[None, :]
+            q = tl.load(q_ptr + m[:, None] * sqt + d[None, :], mask=m2, other=0.0)
+            o = tl.load(o_ptr + m[:, None] * sot + d[None, :], mask=m2, other=0.0)
+            do = tl.load(do_ptr + m[:, None] * sdt + d[None, :], mask=m2, other=0.0)
+            lse = tl.load(lse_ptr + m, mask=mm, other=0.0) * 1.4426950408889634
+            # Keys as rows: P^T and dS^T are the left operands of dV and dK's products as they come.
+            st = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_T, BLOCK_M), float32, base-2 units
+            pt = tl.exp2(st - lse[None, :])
+            pt = tl.where(tm[:, None], pt, 0.0)  # padded keys (their dk, dv rows are not stored either)
+            dv = tl.dot(pt.to(do.dtype), do, dv)
+            dpt = tl.dot(v, tl.trans(do))  # (BLOCK_T, BLOCK_M)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk = tl.dot(dst, q, dk)
+            dq = tl.dot(tl.trans(dst), k) * scale  # (BLOCK_M, BLOCK_D): every key is here, so complete
+            tl.store(DQ + out + m[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=m2)
+        rows = out + t[:, None] * D + d[None, :]
+        tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    return {
+        ("tile", "fwd"): tile_fwd,
+        ("tile", "bwd"): tile_bwd,
+        ("qblock", "fwd"): qblock_fwd,
+        ("qblock", "bwd"): qblock_bwd,
+    }
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-#: Warps per program (None: 8 for 128-token tiles, else 4); for tuning.
-NUM_WARPS: int | None = None
+def _pick(value, which: str):
+    """The forward's or backward's half of a knob that is an int, a (forward, backward) pair or None."""
+    if isinstance(value, (tuple, list)):
+        return value[0] if which == "fwd" else value[1]
+    return value
 
 
-def _launch_params(T: int, D: int) -> dict:
+def _launch_params(
+    T: int,
+    D: int,
+    which: str = "fwd",
+    impl: str | None = None,
+    block_m: int | tuple[int, int] | None = None,
+    num_warps: int | tuple[int, int] | None = None,
+    num_stages: int | tuple[int, int] | None = None,
+) -> tuple[str, dict]:
+    """The implementation and the kernel's launch parameters for one pass.
+
+    Parameters
+    ----------
+    T, D : int
+        Sequence length and head width.
+    which : {"fwd", "bwd"}
+        The pass.
+    impl, block_m, num_warps, num_stages : optional
+        Override :data:`IMPL`, :data:`BLOCK_M`, :data:`NUM_WARPS` and :data:`NUM_STAGES` (same forms:
+        one value for both passes or a (forward, backward) pair).
+
+    Returns
+    -------
+    impl : str
+        ``"tile"`` or ``"qblock"``.
+    params : dict
+        Keyword arguments of the kernel launch (constexprs, ``num_warps``, maybe ``num_stages``).
+    """
+    impl = _check_impl(_pick(impl if impl is not None else IMPL, which))
     block_t = _next_pow2(T)
-    warps = NUM_WARPS or (8 if block_t >= 128 else 4)
-    return {"BLOCK_T": block_t, "BLOCK_D": _next_pow2(D), "D": D, "num_warps": warps}
+    params = {"BLOCK_T": block_t, "BLOCK_D": _next_pow2(D), "D": D}
+    warps = _pick(num_warps if num_warps is not None else NUM_WARPS, which)
+    if impl == "tile":
+        params["num_warps"] = warps or (8 if block_t >= 128 else 4)
+    else:
+        bm = _pick(block_m if block_m is not None else BLOCK_M, which)
+        bm = bm or _pick(DEFAULT_BLOCK_M, which)
+        params["BLOCK_M"] = min(_next_pow2(bm), block_t)
+        params["num_warps"] = warps or 4
+    stages = _pick(num_stages if num_stages is not None else NUM_STAGES, which)
+    if stages:
+        params["num_stages"] = stages
+    return impl, params
 
 
-@torch.library.custom_op("fedeeg::short_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a forward kernel (no device or dtype checks: the interpreter runs it on CPU tensors).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``(batch, num_heads, n_tokens, head_dim)``, any strides.
+    scale : float
+        Multiplies ``q k^T``.
+    **config
+        ``impl``, ``block_m``, ``num_warps``, ``num_stages``: see :func:`_launch_params`.
+
+    Returns
+    -------
+    o : torch.Tensor
+        ``(batch, n_tokens, num_heads, head_dim)``, the inputs' dtype.
+    lse : torch.Tensor
+        ``(batch, num_heads, n_tokens)`` float32, natural-log log-sum-exp of the scaled scores.
+    """
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    fwd, _ = _kernels()
-    fwd[(B * H,)](
+    impl, params = _launch_params(T, D, "fwd", **config)
+    _kernels()[impl, "fwd"][(B * H,)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1),
-        H, T, scale, **_launch_params(T, D),
+        H, T, scale, **params,
     )
     return o, lse
+
+
+def _backward_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    scale: float, **config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch a backward kernel (no device or dtype checks: the interpreter runs it on CPU tensors).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``(batch, num_heads, n_tokens, head_dim)``, any strides.
+    o, do : torch.Tensor
+        The output and its gradient, ``(batch, n_tokens, num_heads, head_dim)``.
+    lse : torch.Tensor
+        The forward's contiguous ``(batch, num_heads, n_tokens)`` float32 log-sum-exp.
+    scale : float
+        The forward's scale.
+    **config
+        ``impl``, ``block_m``, ``num_warps``, ``num_stages``: see :func:`_launch_params`.
+
+    Returns
+    -------
+    dq, dk, dv : torch.Tensor
+        Contiguous ``(batch, num_heads, n_tokens, head_dim)``, the inputs' dtype.
+    """
+    q, k, v, o, do = (_unit_stride(x) for x in (q, k, v, o, do))
+    B, H, T, D = q.shape
+    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    impl, params = _launch_params(T, D, "bwd", **config)
+    _kernels()[impl, "bwd"][(B * H,)](
+        q, k, v, o, do, lse, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1),
+        do.stride(0), do.stride(2), do.stride(1),
+        H, T, scale, **params,
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("fedeeg::short_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale)
 
 
 @_fwd_op.register_fake
@@ -182,18 +498,7 @@ def _(q, k, v, scale):
 def _bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, o, do = (_unit_stride(x) for x in (q, k, v, o, do))
-    B, H, T, D = q.shape
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    _, bwd = _kernels()
-    bwd[(B * H,)](
-        q, k, v, o, do, lse, dq, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1),
-        do.stride(0), do.stride(2), do.stride(1),
-        H, T, scale, **_launch_params(T, D),
-    )
-    return dq, dk, dv
+    return _backward_grads(q, k, v, o, lse, do, scale)
 
 
 @_bwd_op.register_fake
@@ -235,6 +540,6 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     out : torch.Tensor
         Shape ``(batch, n_tokens, num_heads, head_dim)`` (note: tokens before
         heads), equal to ``scaled_dot_product_attention(q, k, v, scale=scale)
-        .transpose(1, 2)``.
+        .transpose(1, 2)``. The kernels are those of :data:`IMPL`.
     """
     return _fwd_op(q, k, v, float(scale))[0]
