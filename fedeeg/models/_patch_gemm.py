@@ -177,8 +177,9 @@ def _gelu_group_norm(y: torch.Tensor, norm: nn.GroupNorm, batch: int, n_steps: i
     -------
     torch.Tensor
         Same shape and row order as ``y``. Statistics and the affine map are
-        computed in float32; the result is float32 under autocast (as
-        ``F.group_norm``, which autocast runs in float32), else ``y``'s dtype.
+        computed in float32; the result has the dtype ``F.group_norm`` would
+        give: float32 under CUDA autocast (which runs group_norm in float32),
+        else ``y``'s dtype (CPU autocast keeps group_norm in bfloat16).
     """
     groups = norm.num_groups
     per_group = norm.num_channels // groups
@@ -198,8 +199,9 @@ def _gelu_group_norm(y: torch.Tensor, norm: nn.GroupNorm, batch: int, n_steps: i
     else:
         shift = -mean * scale
     out = torch.addcmul(shift, yv, scale)  # float32, shape of yv
-    if out.dtype != y.dtype and not torch.is_autocast_enabled(y.device.type):
-        out = out.to(y.dtype)
+    out_dtype = torch.float32 if y.device.type == "cuda" and torch.is_autocast_enabled("cuda") else y.dtype
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
     return F.gelu(out).view(y.shape)  # (batch * n_tokens, n_maps * n_steps)
 
 
