@@ -108,7 +108,7 @@ def _stage_plan(module: nn.Module) -> StagePlan | None:
     name = active[0]
     lora_a, lora_b = module.lora_A[name], module.lora_B[name]
     if (
-        name in module.lora_variant  # DoRA and other variants have their own forward
+        name in getattr(module, "lora_variant", {})  # DoRA and other variants have their own forward
         or module.use_dora.get(name, False)
         or not _row_local(lora_a)
         or not _row_local(lora_b)
@@ -270,7 +270,10 @@ def _stage(
             delta = _flatten(lora_b._conv_forward(low, lora_b.weight, None), step_major)  # (n_in, n_out)
     y = torch.addmm(bias, rows, matrix) if base.bias is not None else rows @ matrix  # (batch * n_tokens, n_out)
     if adapter is not None:
-        x = module._cast_input_dtype(rows, module.lora_A[adapter].weight.dtype)  # as peft does
+        x = rows
+        lora_dtype = module.lora_A[adapter].weight.dtype
+        if x.dtype != lora_dtype and getattr(module, "cast_input_dtype_enabled", True):  # as peft casts
+            x = x.to(lora_dtype)
         x = _dropout(module.lora_dropout[adapter], x, batch, n_maps, n_steps)  # (batch * n_tokens, n_in)
         y = torch.addmm(y, x, delta, alpha=module.scaling[adapter])  # (batch * n_tokens, n_out)
     return _gelu_group_norm(y, norm, batch, out_steps, step_major), out_maps, out_steps
