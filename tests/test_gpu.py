@@ -183,3 +183,54 @@ def test_train_epochs_keeps_a_sites_windows_on_the_gpu_between_calls():
     with pytest.raises(ValueError):
         windows.X[0, 0, 0] = 1.0
     release_device_cache()
+
+
+def test_gemm_patch_embedding_matches_the_conv_path_on_cuda(monkeypatch):
+    # Prepare: paper LoRA with dropout 0.5 in train mode, random B; float32 without TF32 so both paths are exact
+    from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab
+    from fedeeg.models import LoraSpec, apply_lora, build_backbone, lora_pairs
+    from fedeeg.models import _patch_gemm as pg
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ch = to_vocab(EEGMAT_CHANNELS)
+    model = apply_lora(build_backbone("labram-base", seed=0), LoraSpec(dropout=0.5), seed=0).cuda().train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, b in lora_pairs(model).values():
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+        head = model.base_model.model.head.modules_to_save["default"].weight
+        head.copy_(torch.randn(head.shape, generator=gen) * 0.1)  # sensitive logits, backbone gradients of size
+    x = torch.randn(8, len(ch), 800, generator=gen).cuda() * 0.2
+    proj = torch.randn(8, 2, generator=gen).cuda()
+
+    def run(mode):
+        monkeypatch.setattr(pg, "MODE", mode)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = model(x, ch)
+        (out * proj).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def close(a, b, rel, scale=0.0):
+        return float((a.float() - b.float()).abs().max()) <= rel * max(scale, float(b.float().abs().max())) + 1e-12
+
+    # Execute
+    conv_out, conv_grads = run("conv")
+    gemm_out, gemm_grads = run("gemm")
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        monkeypatch.setattr(pg, "MODE", "conv")
+        conv_bf16 = model(x, ch)
+        monkeypatch.setattr(pg, "MODE", "gemm")
+        torch._dynamo.reset()
+        gemm_compiled = torch.compile(model)(x, ch)
+    # Assert: the same dropout masks on CUDA (a different mask changes the output by far more than 1e-4)
+    assert close(gemm_out, conv_out, 1e-4)
+    assert gemm_grads.keys() == conv_grads.keys()
+    # biases with a gradient of zero up to rounding (k_norm.bias) are measured against their weight's gradient
+    sibling = {n: float(conv_grads.get(n[: -len("bias")] + "weight", torch.zeros(1)).abs().max()) if n.endswith("bias") else 0.0
+               for n in conv_grads}
+    bad = [n for n in conv_grads if not close(gemm_grads[n], conv_grads[n], 1e-3, sibling[n])]
+    assert bad == []
+    assert close(gemm_compiled, conv_bf16, 3e-2)

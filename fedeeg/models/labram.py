@@ -27,6 +27,7 @@ from torch import nn
 
 from .._hashing import sha256_file
 from .._validation import check_option, check_range
+from . import _patch_gemm
 from ._short_attention import short_attention, short_attention_supported
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,18 @@ class TemporalConv(nn.Module):
     Maps patches of shape ``(batch, n_patches_total, patch_size)`` to tokens of
     shape ``(batch, n_patches_total, out_chans * 25)``, flattened per patch in
     (step, map) order as in LaBraM.
+
+    Two implementations give the same result (to float rounding), chosen by
+    ``fedeeg.models._patch_gemm.MODE`` (environment variable
+    ``FEDEEG_PATCH_EMBED``, read at import; default ``'conv'``):
+
+    * ``'conv'``: the three ``nn.Conv2d`` (or peft LoRA layers around them),
+      ``nn.GroupNorm`` and GELU, on ``(batch, maps, n_tokens, steps)``;
+    * ``'gemm'``: each stage as one ``(batch * n_tokens, 200) @ (200, 200)``
+      matrix product, the matrix built from the convolution's weights (LoRA
+      adapters and their dropout included), GroupNorm computed on those rows
+      (see :mod:`fedeeg.models._patch_gemm`). Modules it cannot reproduce
+      exactly (DoRA, merged adapters, ...) make it fall back to ``'conv'``.
     """
 
     def __init__(self, out_chans: int) -> None:
@@ -160,6 +173,11 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, n_tokens, patch_size), n_tokens = n_chans * n_patches (channel-major)
+        mode = check_option("FEDEEG_PATCH_EMBED", _patch_gemm.MODE, _patch_gemm.MODES)
+        if mode == "gemm":
+            plans = _patch_gemm.stage_plans(self)
+            if plans is not None:
+                return _patch_gemm.temporal_conv_gemm(self, x, plans)  # (batch, n_tokens, 25 * out_chans)
         x = x.unsqueeze(1)  # (batch, 1, n_tokens, patch_size)
         x = F.gelu(self.norm1(self.conv1(x)))  # (batch, out_chans, n_tokens, 25)
         x = F.gelu(self.norm2(self.conv2(x)))  # (batch, out_chans, n_tokens, 25)
