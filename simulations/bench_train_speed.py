@@ -25,6 +25,11 @@ GPU (the acceptance run)::
 
     python simulations/bench_train_speed.py --device cuda --batch-sizes 64 256 1024
 
+peft's LoRA Linear layers against the fused ones (fedeeg.models._fused_lora), side by side::
+
+    python simulations/bench_train_speed.py --device cuda --batch-sizes 1024 --compile \
+        --modes lora lora-fused --loops ours --lora-forward cat --lora-split-k-rows 0
+
 CPU (fewer steps; a 2-core machine manages a few windows/s with LaBraM-Base)::
 
     python simulations/bench_train_speed.py --device cpu --batch-sizes 64 256 --steps 3 --warmup 1
@@ -48,10 +53,10 @@ sys.path.insert(0, str(ROOT))
 
 from fedeeg.data.base import WindowSet  # noqa: E402
 from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
-from fedeeg.models import LoraSpec, apply_lora, build_backbone  # noqa: E402
+from fedeeg.models import LoraSpec, _fused_lora, apply_lora, build_backbone  # noqa: E402
 from fedeeg.training import _autocast, _windows_on_device, train_epochs  # noqa: E402
 
-LR = {"lora": 5e-3, "lora-nodrop": 5e-3, "full": 5e-4}
+LR = {"lora": 5e-3, "lora-nodrop": 5e-3, "lora-fused": 5e-3, "lora-nodrop-fused": 5e-3, "full": 5e-4}
 
 
 def make_model(backbone: str, mode: str, seed: int) -> nn.Module:
@@ -59,8 +64,10 @@ def make_model(backbone: str, mode: str, seed: int) -> nn.Module:
     if mode == "full":
         return model
     # 'lora-nodrop': the paper preset without its LoRA dropout, to measure what the dropout costs.
-    dropout = 0.0 if mode == "lora-nodrop" else 0.5
+    # '*-fused': the LoRA Linear layers use fedeeg.models._fused_lora (main() sets LORA_LINEAR per mode).
+    dropout = 0.0 if mode.startswith("lora-nodrop") else 0.5
     model = apply_lora(model, LoraSpec(preset="paper", rank=2, alpha=8, dropout=dropout, conv_rank=4), freeze_a=False, seed=seed)
+    _fused_lora.use_fused_lora_linear(model)  # follows _fused_lora.LORA_LINEAR at each call
     return model
 
 
@@ -124,6 +131,7 @@ def profile(args, windows: WindowSet, dev: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     mode, batch = args.modes[0], max(args.batch_sizes)
+    _fused_lora.LORA_LINEAR = "fused" if mode.endswith("-fused") else args.lora_linear
     model = make_model(args.backbone, mode, seed=0)
     sub = windows.subset(np.arange(batch * 3))
     train_epochs(model, sub, epochs=1, lr=LR[mode], batch_size=batch, device=dev, compile=args.compile)
@@ -144,7 +152,16 @@ def main() -> None:
     p.add_argument("--backbone", default="labram-base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "lora-nodrop", "full"])
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=list(LR),
+                   help="'lora-fused', 'lora-nodrop-fused': LoRA with the fused Linear layers (fedeeg.models._fused_lora); "
+                        "'lora', 'lora-nodrop' follow --lora-linear")
+    p.add_argument("--lora-linear", choices=_fused_lora.LORA_LINEAR_MODES, default=_fused_lora.LORA_LINEAR,
+                   help="LoRA Linear layers of the 'lora' and 'lora-nodrop' modes (default: FEDEEG_LORA_LINEAR, else peft)")
+    p.add_argument("--lora-forward", choices=_fused_lora.FORWARD_MODES, default=_fused_lora.FORWARD,
+                   help="forward of the fused LoRA Linear: one GEMM on [x, h] ('cat'), or addmm onto s*h@B^T ('addmm'), or per layer ('auto')")
+    p.add_argument("--lora-split-k-rows", type=int, default=_fused_lora.SPLIT_K_ROWS,
+                   help="rows per chunk of the fused LoRA's dB reduction (0: one GEMM)")
+    p.add_argument("--lora-pad-to", type=int, default=_fused_lora.PAD_TO, help="fused LoRA: pad K + r to a multiple of this")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     p.add_argument("--seconds", type=float, default=4.0, help="window length in seconds")
@@ -168,6 +185,7 @@ def main() -> None:
     from fedeeg.models import _short_attention
 
     _short_attention.ENABLED = args.attention == "fused"
+    _fused_lora.FORWARD, _fused_lora.SPLIT_K_ROWS, _fused_lora.PAD_TO = args.lora_forward, args.lora_split_k_rows, args.lora_pad_to
     _short_attention.NUM_WARPS = args.attn_warps
     if args.compile_mode:
         args.compile = True if args.compile_mode == "default" else args.compile_mode
@@ -183,8 +201,9 @@ def main() -> None:
     rows = []
     print(f"{args.backbone} on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"torch {torch.__version__}, {len(windows.ch_names)} ch x {n_times} samples, compile={args.compile}", flush=True)
-    print(f"{'mode':5} {'batch':>6} {'bare w/s':>10} {'ours w/s':>10} {'ours/bare':>9} {'peak GiB bare':>13} {'peak GiB ours':>13}", flush=True)
+    print(f"{'mode':17} {'batch':>6} {'bare w/s':>10} {'ours w/s':>10} {'ours/bare':>9} {'peak GiB bare':>13} {'peak GiB ours':>13}", flush=True)
     for mode in args.modes:
+        _fused_lora.LORA_LINEAR = "fused" if mode.endswith("-fused") else args.lora_linear
         for batch in args.batch_sizes:
             rec = {"mode": mode, "batch": batch}
             runs = [("bare", bare_loop), ("ours", ours)] if args.loops == "both" else [("ours", ours)]
@@ -203,7 +222,7 @@ def main() -> None:
             rec["ratio"] = rec["ours_wps"] / rec["bare_wps"] if rec["bare_wps"] else None
             rows.append(rec)
             fmt = lambda v, w=13: f"{v:{w}.2f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
-            print(f"{mode:5} {batch:6d} {fmt(rec['bare_wps'], 10)} {rec['ours_wps']:10.1f} {fmt(rec['ratio'], 9)} {fmt(rec['bare_peak_gib'])} {fmt(rec['ours_peak_gib'])}", flush=True)
+            print(f"{mode:17} {batch:6d} {fmt(rec['bare_wps'], 10)} {rec['ours_wps']:10.1f} {fmt(rec['ratio'], 9)} {fmt(rec['bare_peak_gib'])} {fmt(rec['ours_peak_gib'])}", flush=True)
 
     if args.profile:
         profile(args, windows, dev)
@@ -221,6 +240,8 @@ def main() -> None:
         "warmup": args.warmup,
         "compile": args.compile,
         "attention": args.attention,
+        "lora_linear": args.lora_linear,
+        "lora_fused": {"forward": args.lora_forward, "split_k_rows": args.lora_split_k_rows, "pad_to": args.lora_pad_to},
         "command": " ".join(["python", "simulations/bench_train_speed.py", *sys.argv[1:]]),
     }
     (args.out / f"bench_train_speed_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._validation import check_option, check_range
+from . import _fused_lora
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +200,21 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, freeze_a: bool = False, seed
         ``adapter_model.safetensors``; attributes such as
         ``model.checkpoint_sha256`` and ``model.forward_features`` resolve to
         the backbone.
+
+    Notes
+    -----
+    With ``FEDEEG_LORA_LINEAR=fused`` in the environment (or
+    ``fedeeg.models._fused_lora.LORA_LINEAR = 'fused'``), the adapted Linear
+    layers compute base and adapter in one GEMM forward and one backward
+    (:mod:`fedeeg.models._fused_lora`); parameter names and the state dict
+    are peft's either way. The default, ``'peft'``, keeps peft's forward.
     """
     if not isinstance(spec, LoraSpec):
         raise TypeError(f"'spec' must be a LoraSpec, got {type(spec).__name__}.")
     if hasattr(model, "peft_config"):
         raise ValueError("The model already has peft adapters: apply LoRA to a fresh backbone from build_backbone().")
     check_range("seed", seed, low=0, kind=int)
+    linear_mode = _fused_lora.check_lora_linear_mode(_fused_lora.LORA_LINEAR)
     names = _resolve_targets(model, spec)
     target_modules, rank_pattern = spec.peft_targets()
 
@@ -227,6 +237,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, freeze_a: bool = False, seed
         for n, p in peft_model.named_parameters():
             if ".lora_A." in n:
                 p.requires_grad_(False)
+    if linear_mode == "fused":
+        n_fused = _fused_lora.use_fused_lora_linear(peft_model)
+        logger.info("LoRA Linear layers: %d use the fused forward/backward (FEDEEG_LORA_LINEAR=fused).", n_fused)
     trainable, total = count_parameters(peft_model)
     logger.info(
         "LoRA %s on %d modules (freeze_a=%s): %d trainable of %d parameters.", spec.preset, len(names), freeze_a, trainable, total
