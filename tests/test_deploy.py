@@ -672,3 +672,64 @@ def test_supernode_polls_often_during_a_run_and_seldom_when_idle(monkeypatch, tm
     with pytest.raises(ValueError, match="active_poll_interval"):
         ClientConfig(name="s", server="h:1", state_dir=tmp_path, insecure=True, dataset="synthetic",
                      poll_interval=0.25, active_poll_interval=0.5)
+
+
+def test_supernode_wakes_the_idle_clientapp_through_the_wake_file(monkeypatch, tmp_path):
+    # Prepare: the SuperNode's side touches the wake file when it handles a message; the ClientApp's side waits
+    # idle (2 s between polls of its SuperNode) in slices of 0.02 s, looking at that file's time in between
+    import threading
+    import time
+
+    from flwr.supernode import start_client_internal as sci
+
+    from fedeeg.deploy import _flower
+
+    wake = tmp_path / "supernode-active"
+    monkeypatch.setattr(sci, "time", sci.time)
+    supernode = _flower.ActivePoll(idle=0.25, active=0.05, wake_file=wake, touch=True)
+    assert _flower._shorter_supernode_poll(supernode)
+    worker = _flower.ActivePoll(idle=2.0, active=0.02, wake_file=wake)
+    stop = threading.Event()
+    # Execute: idle (no message): the full interval; then the SuperNode takes a message while the worker waits
+    t0 = time.monotonic()
+    _flower.wait_for_work(worker, stop)
+    idle_wait = time.monotonic() - t0
+    timer = threading.Timer(0.3, lambda: sci.time.sleep(0.5))  # Flower's wait for the reply: "a message is here"
+    t0 = time.monotonic()
+    timer.start()
+    _flower.wait_for_work(worker, stop)
+    woken_after = time.monotonic() - t0
+    timer.join()
+    # Assert: the idle wait lasts its 2 s; the signalled one ends soon after the touch (0.3 s), long before 2 s,
+    # and the worker then polls at its active interval; only the SuperNode's side writes the file
+    assert idle_wait >= 1.9
+    assert wake.exists()
+    assert 0.25 <= woken_after < 1.0
+    assert worker.interval == 0.02
+    worker.busy()
+    mtime = wake.stat().st_mtime_ns
+    time.sleep(0.01)
+    worker.busy()
+    assert wake.stat().st_mtime_ns == mtime
+
+
+def test_clientapp_wait_without_wake_file_is_the_poll_interval():
+    # Prepare
+    import threading
+    import time
+
+    from fedeeg.deploy import _flower
+
+    polls = _flower.ActivePoll(idle=0.3, active=0.05)
+    stop = threading.Event()
+    # Execute
+    t0 = time.monotonic()
+    _flower.wait_for_work(polls, stop)
+    waited = time.monotonic() - t0
+    stop.set()
+    t0 = time.monotonic()
+    _flower.wait_for_work(polls, stop)
+    stopped = time.monotonic() - t0
+    # Assert: no wake file: a plain wait of the idle interval; a set stop event ends it at once
+    assert 0.29 <= waited < 1.0
+    assert stopped < 0.05

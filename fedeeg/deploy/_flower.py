@@ -13,6 +13,10 @@ Two additions to Flower's own ``flower-superlink``/``flower-supernode``:
   (:class:`ActivePoll`). With Flower's values a round spends up to ~7 s
   waiting. Only for flwr 1.42 (the version FedEEG pins); with another layout
   the SuperNode runs unchanged and a line on stderr says so;
+- when the SuperNode starts handling a message it touches
+  ``$FEDEEG_SUPERNODE_WAKE_FILE``: the site's long-lived ClientApp, which
+  checks that file's time between its (idle) polls, then asks for the message
+  at once instead of after its idle interval (:func:`wait_for_work`);
 - log lines carry the time (millisecond resolution) and no colour codes;
 - a message part that is not there yet is asked for again after 0.02 s
   (doubling up to 0.1 s), not Flower's 1 s doubling up to 10 s
@@ -52,20 +56,74 @@ class ActivePoll:
         its way (SuperNode, ClientApp, reply) adds to the round's time.
     window : float
         Seconds a run counts as under way after a message was handled.
+    wake_file : path-like | None
+        A file whose modification time says when the SuperNode last started
+        handling a message (see :func:`wait_for_work`).
+    touch : bool
+        Whether :meth:`busy` touches ``wake_file`` (the SuperNode's side);
+        the ClientApp's side only reads it.
     """
 
-    def __init__(self, idle: float, active: float, window: float = 60.0) -> None:
+    def __init__(self, idle: float, active: float, window: float = 60.0, wake_file: str | os.PathLike | None = None,
+                 touch: bool = False) -> None:
         self.idle, self.active, self.window = float(idle), min(float(active), float(idle)), float(window)
+        self.wake_file = os.fspath(wake_file) if wake_file else None
+        self.touch = bool(touch)
         self._last = float("-inf")
+        self._touched = float("-inf")
 
     def busy(self) -> None:
-        """Note that a message is being (or was just) handled."""
+        """Note that a message is being (or was just) handled; with ``touch``, touch the wake file (at most every 0.2 s)."""
         self._last = _time.monotonic()
+        if self.touch and self.wake_file is not None and self._last - self._touched >= 0.2:
+            self._touched = self._last
+            try:
+                with open(self.wake_file, "ab"):
+                    pass
+                os.utime(self.wake_file)
+            except OSError:  # a wake-up is an optimisation: the ClientApp still polls
+                pass
 
     @property
     def interval(self) -> float:
         """Seconds to wait before the next poll."""
         return self.active if _time.monotonic() - self._last < self.window else self.idle
+
+
+def _mtime_ns(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def wait_for_work(polls: ActivePoll, stop: threading.Event) -> None:
+    """Wait ``polls.interval`` seconds before the next poll, ending early when the SuperNode signals a message.
+
+    While idle the wait is cut into slices of ``polls.active`` seconds; between
+    them the time of ``polls.wake_file`` is compared (a ``stat``, not a call to
+    the SuperNode), and a change (the SuperNode started handling a message)
+    ends the wait and marks ``polls`` busy. Without a wake file, or while a run
+    is under way, this is ``stop.wait(polls.interval)``.
+    """
+    interval = polls.interval
+    seen = _mtime_ns(polls.wake_file)
+    if seen is None and polls.wake_file is not None:
+        seen = 0  # not created yet: its creation is the signal
+    if polls.wake_file is None or interval <= polls.active:
+        stop.wait(interval)
+        return
+    deadline = _time.monotonic() + interval
+    while not stop.is_set():
+        left = deadline - _time.monotonic()
+        if left <= 0:
+            return
+        stop.wait(min(polls.active, left))
+        if (_mtime_ns(polls.wake_file) or 0) != seen:
+            polls.busy()
+            return
 
 
 def _shorter_supernode_poll(polls: ActivePoll) -> bool:
@@ -146,7 +204,8 @@ def main() -> None:
     poll = float(os.environ.get("FEDEEG_SUPERNODE_POLL", "0.25"))
     if which == "supernode" and poll > 0:  # 0: Flower's own waits (benchmarks)
         active = float(os.environ.get("FEDEEG_SUPERNODE_ACTIVE_POLL", "0.05"))
-        if not _shorter_supernode_poll(ActivePoll(poll, active)):
+        wake = os.environ.get("FEDEEG_SUPERNODE_WAKE_FILE") or None
+        if not _shorter_supernode_poll(ActivePoll(poll, active, wake_file=wake, touch=True)):
             sys.stderr.write("fedeeg: this flwr version's SuperNode could not be given a shorter poll; it runs unchanged.\n")
         shorter_object_pull_backoff()
     _timestamped_logs()

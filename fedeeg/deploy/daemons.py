@@ -113,7 +113,7 @@ def start_client(site: ClientConfig, *, insecure: bool = False, stop: threading.
     # subprocess: Flower's default (a new flwr-clientapp process per message, Flower's own waits), for comparison.
     poll = site.poll_interval if isolation == "process" else 0
     env = flower_env(state / ".flwr", FEDEEG_SUPERNODE_POLL=str(poll), FEDEEG_SUPERNODE_ACTIVE_POLL=str(site.active_poll_interval),
-                     FEDEEG_CLIENT_THREADS=str(site.threads))
+                     FEDEEG_SUPERNODE_WAKE_FILE=str(site.supernode_wake_file), FEDEEG_CLIENT_THREADS=str(site.threads))
     capture = capture or _capture_from_env(site.name)
     worker = None if isolation == "subprocess" else ClientWorker(site, runtime_address=f"127.0.0.1:{site.runtime_port}", capture=capture)
 

@@ -148,6 +148,12 @@ class ClientConfig:
             return Path(self.identity_key)
         return None if self.key is None else Path(self.key).with_name(f"{self.name}.identity.pem")
 
+    @property
+    def supernode_wake_file(self) -> Path:
+        """``state_dir/supernode-active``: the SuperNode touches it when it starts handling a message, so the
+        site's long-lived ClientApp asks for that message at once rather than after its idle poll interval."""
+        return Path(self.state_dir) / "supernode-active"
+
     def secagg_node_config(self) -> dict[str, str]:
         """What the site's worker puts in ``Context.node_config`` for secure aggregation.
 

@@ -153,7 +153,8 @@ class ClientWorker:
         self.tasks_done = 0
         from ..deploy._flower import ActivePoll
 
-        self.polls = ActivePoll(site.poll_interval, site.active_poll_interval)
+        # The SuperNode touches this file when it starts handling a message (see fedeeg.deploy._flower).
+        self.polls = ActivePoll(site.poll_interval, site.active_poll_interval, wake_file=site.supernode_wake_file)
         os.environ["FEDEEG_CLIENT_THREADS"] = str(site.threads)
 
     def warm_up(self) -> None:
@@ -170,7 +171,7 @@ class ClientWorker:
         """Take and run ClientApp tasks until ``stop`` is set; survive SuperNode restarts with backoff."""
         from flwr.supercore.constant import TaskType
 
-        from ..deploy._flower import shorter_object_pull_backoff
+        from ..deploy._flower import shorter_object_pull_backoff, wait_for_work
 
         shorter_object_pull_backoff()
         backoff = 0.5
@@ -191,7 +192,7 @@ class ClientWorker:
                 backoff = min(backoff * 2, self.site.max_backoff)
                 continue
             if got is None:
-                stop.wait(self.polls.interval)
+                wait_for_work(self.polls, stop)
                 continue
             try:
                 self.run_task(got[0])
