@@ -443,6 +443,8 @@ def test_state_round_trip_copy_pickle_and_merge_and_unload(mode, fused_calls):
 
 
 @pytest.mark.slow
+# inductor in torch 2.13 still goes through torch.jit's script_method, which warns that torch.jit is deprecated.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_fused_model_equals_eager_peft(mode, fused_calls):
     # Prepare (about 30 s on a 2-core CPU: inductor compiles the forward and backward graphs)
     pytest.importorskip("torch._inductor")
