@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedeeg.data.base import WindowSet  # noqa: E402
 from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
-from fedeeg.models import LoraSpec, _fused_lora, apply_lora, build_backbone  # noqa: E402
+from fedeeg.models import LoraSpec, _fused_lora, _patch_gemm, _short_attention, apply_lora, build_backbone  # noqa: E402
 from fedeeg.training import _autocast, _windows_on_device, train_epochs  # noqa: E402
 
 LR = {"lora": 5e-3, "lora-nodrop": 5e-3, "lora-fused": 5e-3, "lora-nodrop-fused": 5e-3, "full": 5e-4}
@@ -242,6 +243,9 @@ def main() -> None:
         "attention": args.attention,
         "lora_linear": args.lora_linear,
         "lora_fused": {"forward": args.lora_forward, "split_k_rows": args.lora_split_k_rows, "pad_to": args.lora_pad_to},
+        "patch_embed": _patch_gemm.MODE,
+        "short_attention_impl": _short_attention.IMPL,
+        "fedeeg_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FEDEEG_")},
         "command": " ".join(["python", "simulations/bench_train_speed.py", *sys.argv[1:]]),
     }
     (args.out / f"bench_train_speed_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -349,18 +349,21 @@ def test_a_plain_tiny_peft_layer_does_use_the_fused_path(mode, fused_calls):
 # --------------------------------------------------------------------------- selection, names, state
 
 
-def test_apply_lora_switches_classes_only_in_fused_mode(mode):
+def test_apply_lora_switches_classes_unless_in_peft_mode(mode):
     # Prepare
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     # Execute
     mode("peft")
     peft_model = apply_lora(build_backbone("labram-small", seed=0), LoraSpec())
+    mode("auto")
+    auto_model = apply_lora(build_backbone("labram-small", seed=0), LoraSpec())
     mode("fused")
     fused_model = apply_lora(build_backbone("labram-small", seed=0), LoraSpec())
     # Assert: 12 Linear layers switched; the conv adapters are peft's
     kinds = lambda m: sorted({type(mod).__name__ for n, mod in m.named_modules() if hasattr(mod, "lora_A")})  # noqa: E731
     assert kinds(peft_model) == ["Conv2d", "Linear"]
+    assert kinds(auto_model) == ["Conv2d", "FusedLoraLinear"]
     assert kinds(fused_model) == ["Conv2d", "FusedLoraLinear"]
     assert sum(isinstance(mod, LoraLinear) for mod in fused_model.modules()) == 12
     assert fl.use_fused_lora_linear(fused_model, enabled=False) == 12
@@ -371,7 +374,7 @@ def test_bad_mode_is_an_error_naming_the_variable(mode):
     # Prepare
     mode("fast")
     # Execute / Assert
-    with pytest.raises(ValueError, match="FEDEEG_LORA_LINEAR.*'peft', 'fused'"):
+    with pytest.raises(ValueError, match="FEDEEG_LORA_LINEAR.*'auto', 'peft', 'fused'"):
         apply_lora(build_backbone("labram-small", seed=0), LoraSpec())
 
 
@@ -383,6 +386,45 @@ def test_environment_variable_sets_the_mode_at_import():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     # Assert
     assert out.split() == ["fused", "4096", "auto", "8"]
+    unset = {k: v for k, v in os.environ.items() if not k.startswith("FEDEEG_LORA_")}
+    out = subprocess.run([sys.executable, "-c", code], env=unset, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["auto", "0", "auto", "8"]  # the defaults
+
+
+class _CudaLike:
+    """Stands for a CUDA tensor in the mode decision (only ``is_cuda`` is read)."""
+
+    is_cuda = True
+
+
+def test_auto_mode_fuses_only_cuda_inputs_inside_torch_compile(mode, monkeypatch):
+    # Prepare
+    cpu = torch.zeros(1)
+    mode("auto")
+    # Execute / Assert: eager, then "compiling"
+    assert not fl.fused_wanted(cpu) and not fl.fused_wanted(_CudaLike())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fl.fused_wanted(_CudaLike()) and not fl.fused_wanted(cpu)
+    mode("peft")
+    assert not fl.fused_wanted(_CudaLike())
+    mode("fused")
+    assert fl.fused_wanted(cpu)
+
+
+def test_auto_mode_runs_peft_s_forward_on_the_cpu(mode, fused_calls):
+    # Prepare: the same random-B model in auto and peft mode
+    x = torch.randn(2, len(CH_NAMES), 200, generator=torch.Generator().manual_seed(0))
+    auto_model = _lora_model(mode)  # built with FusedLoraLinear layers
+    mode("peft")
+    peft_model = apply_lora(build_backbone("labram-small", seed=0), LoraSpec(dropout=0.0), seed=0)
+    _randomize_b(peft_model)
+    # Execute
+    got = _step(auto_model, lambda x: auto_model(x, CH_NAMES), mode, "auto", 0, (x,))
+    want = _step(peft_model, lambda x: peft_model(x, CH_NAMES), mode, "peft", 0, (x,))
+    # Assert: no fused call, and bit for bit peft's numbers
+    assert fused_calls == []
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(got[1][n], g) for n, g in want[1].items() if g is not None)
 
 
 def test_names_state_dicts_and_adapter_files_are_peft_s(mode, tmp_path):
@@ -460,6 +502,31 @@ def test_compiled_fused_model_equals_eager_peft(mode, fused_calls):
     # Assert: traced once per layer (12), then run as compiled code; numbers as eager peft's
     assert len(fused_calls) == 12
     _assert_same(got, want, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_auto_mode_fuses_a_compiled_cuda_model(mode, fused_calls, monkeypatch):
+    # Prepare: the default modes of the LoRA Linear and of the patch embedding
+    from fedeeg.models import _patch_gemm as pg
+
+    gemm_calls = []
+    gemm = pg.temporal_conv_gemm
+    monkeypatch.setattr(pg, "temporal_conv_gemm", lambda *a: gemm_calls.append(1) or gemm(*a))
+    monkeypatch.setattr(pg, "MODE", "auto")
+    model = _lora_model(mode).cuda().train()
+    inner = model.base_model.model
+    x = torch.randn(4, len(CH_NAMES), 200, generator=torch.Generator().manual_seed(0)).cuda()
+    want = _step(model, lambda x: inner(x, CH_NAMES), mode, "peft", 0, (x,))  # eager: peft's layers, conv
+    assert fused_calls == [] and gemm_calls == []
+    torch._dynamo.reset()
+    compiled = torch.compile(inner)
+    # Execute
+    got = _step(model, lambda x: compiled(x, CH_NAMES), mode, "auto", 0, (x,))
+    # Assert: traced with the fused Function in each of the 12 Linear layers and the GEMM patch embedding
+    assert len(fused_calls) == 12 and len(gemm_calls) == 1
+    _assert_same(got, want, rtol=1e-3)
     torch._dynamo.reset()
 
 

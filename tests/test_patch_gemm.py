@@ -200,10 +200,29 @@ def test_mode_from_environment_and_bad_modes(monkeypatch):
     monkeypatch.setenv("FEDEEG_PATCH_EMBED", " GEMM ")
     assert pg._mode_from_env() == "gemm"
     monkeypatch.delenv("FEDEEG_PATCH_EMBED")
-    assert pg._mode_from_env() == "conv"
+    assert pg._mode_from_env() == "auto"
     monkeypatch.setenv("FEDEEG_PATCH_EMBED", "toeplitz")
-    with pytest.raises(ValueError, match="FEDEEG_PATCH_EMBED.*'conv', 'gemm'.*'toeplitz'"):
+    with pytest.raises(ValueError, match="FEDEEG_PATCH_EMBED.*'auto', 'conv', 'gemm'.*'toeplitz'"):
         pg._mode_from_env()
     monkeypatch.setattr(pg, "MODE", "fft")
     with pytest.raises(ValueError, match="FEDEEG_PATCH_EMBED"):
         model(_x(n_times=200), CH_NAMES)
+
+
+class _CudaLike:
+    """Stands for a CUDA tensor in the mode decision (only ``is_cuda`` is read)."""
+
+    is_cuda = True
+
+
+def test_auto_mode_is_gemm_only_for_cuda_inputs_inside_torch_compile(monkeypatch):
+    # Prepare
+    cpu = torch.zeros(1)
+    monkeypatch.setattr(pg, "MODE", "auto")
+    # Execute / Assert: eager, then "compiling"
+    assert pg.resolve_mode(cpu) == "conv" and pg.resolve_mode(_CudaLike()) == "conv"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pg.resolve_mode(_CudaLike()) == "gemm" and pg.resolve_mode(cpu) == "conv"
+    for fixed in ("conv", "gemm"):
+        monkeypatch.setattr(pg, "MODE", fixed)
+        assert pg.resolve_mode(cpu) == pg.resolve_mode(_CudaLike()) == fixed

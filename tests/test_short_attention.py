@@ -64,7 +64,7 @@ def test_warps_and_stages_knobs_take_zero_for_the_default():
 
 
 def test_implementation_knob_takes_one_or_a_forward_backward_pair():
-    assert sa._parse_impl(None) == "tile"
+    assert sa._parse_impl(None) == "qblock"
     assert sa._parse_impl("QBlock") == "qblock"
     assert sa._parse_impl("tile,qblock") == ("tile", "qblock")
     assert sa._launch_params(77, 20, "bwd", impl=("tile", "qblock"))[0] == "qblock"

@@ -34,10 +34,18 @@ Use
 :func:`use_fused_lora_linear` switches a peft model's ``lora.Linear`` layers
 to :class:`FusedLoraLinear` (a subclass: same module tree, same parameter
 names, same state dict; only ``forward`` differs).
-:func:`fedeeg.models.apply_lora` does so when :data:`LORA_LINEAR` is
-``'fused'`` (environment variable ``FEDEEG_LORA_LINEAR=fused``; the default is
-``'peft'``). A switched layer also checks :data:`LORA_LINEAR` at each call, so
-setting it to ``'peft'`` makes every layer use peft's own forward again.
+:func:`fedeeg.models.apply_lora` does so unless :data:`LORA_LINEAR` is
+``'peft'`` (environment variable ``FEDEEG_LORA_LINEAR``). A switched layer checks
+:data:`LORA_LINEAR` at each call:
+
+* ``'auto'`` (the default): the fused path on CUDA inside ``torch.compile``,
+  where it was measured faster (H100, LaBraM-Base, LoRA ``paper``, batch
+  1024, bf16: 19,627 against 17,582 windows/s alone, 22,249 with the other
+  two CUDA paths; ``simulations/RESULTS.md``), peft's forward elsewhere (CPU,
+  eager GPU training: not measured, so unchanged);
+* ``'fused'``: the fused path wherever it applies (CPU included);
+* ``'peft'``: peft's own forward everywhere (and :func:`apply_lora` leaves
+  the layers' class alone).
 
 Whatever the fused path does not cover falls back to peft's forward, per call:
 adapters disabled or merged, several active adapters, variants (DoRA, ...),
@@ -48,7 +56,7 @@ trains, and inconsistent dtypes.
 Tuning knobs (module attributes, read at each call; environment variables set
 their start values):
 
-* :data:`FORWARD` (``FEDEEG_LORA_FUSED_FORWARD``): ``'cat'`` (the one-GEMM
+* :data:`FORWARD` (``FEDEEG_LORA_FUSED_FORWARD``, default ``'auto'``): ``'cat'`` (the one-GEMM
   forward above), ``'addmm'`` (``t = h @ (s*B)^T + bias`` then
   ``y = t + x @ W^T`` in one ``addmm``: no copy of ``x``, but an extra
   ``(M, N)`` write and read) or ``'auto'`` (``'cat'`` where ``K <= N``, i.e.
@@ -69,17 +77,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The two implementations of a LoRA Linear layer.
-LORA_LINEAR_MODES = ("peft", "fused")
+#: The implementations of a LoRA Linear layer: ``'auto'`` picks between the other two per call.
+LORA_LINEAR_MODES = ("auto", "peft", "fused")
 #: Forward strategies of the fused path.
 FORWARD_MODES = ("cat", "addmm", "auto")
 
-#: ``'peft'`` (peft's own forward) or ``'fused'`` (:class:`FusedLoraLinear`); from FEDEEG_LORA_LINEAR.
-#: Read by :func:`fedeeg.models.apply_lora` (which switches the layers when ``'fused'``) and by every
-#: switched layer at each call (``'peft'`` sends it back to peft's forward), so tests can flip it.
-LORA_LINEAR = os.environ.get("FEDEEG_LORA_LINEAR", "peft").strip().lower()
+#: ``'auto'`` (fused on CUDA under torch.compile, else peft's), ``'peft'`` (peft's own forward) or
+#: ``'fused'`` (:class:`FusedLoraLinear` wherever it applies); from FEDEEG_LORA_LINEAR (default ``'auto'``).
+#: Read by :func:`fedeeg.models.apply_lora` (which switches the layers unless ``'peft'``) and by every
+#: switched layer at each call, so tests can flip it.
+LORA_LINEAR = os.environ.get("FEDEEG_LORA_LINEAR", "auto").strip().lower() or "auto"
 #: Forward strategy of the fused path: ``'cat'``, ``'addmm'`` or ``'auto'`` (see the module docstring).
-FORWARD = os.environ.get("FEDEEG_LORA_FUSED_FORWARD", "cat").strip().lower()
+FORWARD = os.environ.get("FEDEEG_LORA_FUSED_FORWARD", "auto").strip().lower() or "auto"
 #: The inner width ``K + r`` is padded with zeros to a multiple of this (8: 16-byte rows in bf16).
 PAD_TO = int(os.environ.get("FEDEEG_LORA_PAD_TO", "8"))
 #: Rows per chunk of the split-K reduction ``dB = s * dY^T h``; 0 (or >= M): one GEMM.
@@ -97,6 +106,17 @@ def check_lora_linear_mode(mode: str) -> str:
             f"fedeeg.models._fused_lora.LORA_LINEAR): allowed values are {', '.join(map(repr, LORA_LINEAR_MODES))}."
         )
     return mode
+
+
+def fused_wanted(x: torch.Tensor) -> bool:
+    """Whether :data:`LORA_LINEAR` asks for the fused path for input ``x`` (before :func:`fused_supported`).
+
+    ``'auto'``: only for a CUDA input inside ``torch.compile`` (the setting it
+    was measured in; ``torch.compiler.is_compiling()`` is a constant there).
+    """
+    if LORA_LINEAR == "fused":
+        return True
+    return LORA_LINEAR == "auto" and x.is_cuda and torch.compiler.is_compiling()
 
 
 def _pad_width(k: int, r: int, pad_to: int) -> int:
@@ -333,7 +353,7 @@ def _fused_class() -> type:
         """
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            if LORA_LINEAR == "fused" and not args and not kwargs and fused_supported(self, x):
+            if not args and not kwargs and fused_wanted(x) and fused_supported(self, x):
                 return fused_lora_linear(self, x)
             return super().forward(x, *args, **kwargs)
 
@@ -361,7 +381,8 @@ def use_fused_lora_linear(model: nn.Module, enabled: bool = True) -> int:
         A model with peft LoRA layers (e.g. from :func:`fedeeg.models.apply_lora`).
     enabled : bool
         True: peft ``lora.Linear`` -> :class:`FusedLoraLinear` (which then
-        follows :data:`LORA_LINEAR` at each call); False: back to peft's class.
+        follows :data:`LORA_LINEAR` at each call, see :func:`fused_wanted`);
+        False: back to peft's class.
 
     Returns
     -------
@@ -388,6 +409,7 @@ __all__ = [
     "PAD_TO",
     "SPLIT_K_ROWS",
     "check_lora_linear_mode",
+    "fused_wanted",
     "rows_t_matmul",
     "FusedLoraLinearFunction",
     "fused_supported",

@@ -57,8 +57,10 @@ attributes (which the launches read at every call, so a benchmark may change
 them between calls):
 
 ``FEDEEG_SHORT_ATTENTION_IMPL`` (:data:`IMPL`)
-    ``tile`` (default) or ``qblock``, or ``tile,qblock`` (forward,
-    backward).
+    ``qblock`` (default since it was measured end to end: H100, LaBraM-Base,
+    LoRA ``paper``, batch 1024, bf16, compiled, 18,130 and 18,196 against
+    17,582 windows/s with ``tile``; ``simulations/RESULTS.md``) or ``tile``,
+    or ``tile,qblock`` (forward, backward).
 ``FEDEEG_SHORT_ATTENTION_BLOCK_M`` (:data:`BLOCK_M`)
     Query rows per block of ``qblock``, a power of two >= 16: ``32`` for both
     passes, or ``64,16`` for the forward and the backward.
@@ -142,8 +144,8 @@ def _check_impl(impl: str) -> str:
 
 
 def _parse_impl(value: str | None) -> str | tuple[str, str]:
-    """Parse ``FEDEEG_SHORT_ATTENTION_IMPL``: ``tile``, ``qblock`` or ``F,B`` (forward, backward); unset: ``tile``."""
-    parts = [_check_impl(x) for x in (value or "tile").split(",")]
+    """Parse ``FEDEEG_SHORT_ATTENTION_IMPL``: ``tile``, ``qblock`` or ``F,B`` (forward, backward); unset: ``qblock``."""
+    parts = [_check_impl(x) for x in (value or "qblock").split(",")]
     if len(parts) > 2:
         raise ValueError(f"FEDEEG_SHORT_ATTENTION_IMPL={value!r}: expected one implementation or two (forward, backward)")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])

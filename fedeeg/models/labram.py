@@ -151,7 +151,8 @@ class TemporalConv(nn.Module):
 
     Two implementations give the same result (to float rounding), chosen by
     ``fedeeg.models._patch_gemm.MODE`` (environment variable
-    ``FEDEEG_PATCH_EMBED``, read at import; default ``'conv'``):
+    ``FEDEEG_PATCH_EMBED``, read at import; default ``'auto'``: ``'gemm'`` on
+    CUDA inside ``torch.compile``, ``'conv'`` elsewhere):
 
     * ``'conv'``: the three ``nn.Conv2d`` (or peft LoRA layers around them),
       ``nn.GroupNorm`` and GELU, on ``(batch, maps, n_tokens, steps)``;
@@ -173,8 +174,7 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, n_tokens, patch_size), n_tokens = n_chans * n_patches (channel-major)
-        mode = check_option("FEDEEG_PATCH_EMBED", _patch_gemm.MODE, _patch_gemm.MODES)
-        if mode == "gemm":
+        if _patch_gemm.resolve_mode(x) == "gemm":
             plans = _patch_gemm.stage_plans(self)
             if plans is not None:
                 return _patch_gemm.temporal_conv_gemm(self, x, plans)  # (batch, n_tokens, 25 * out_chans)

@@ -203,11 +203,12 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, freeze_a: bool = False, seed
 
     Notes
     -----
-    With ``FEDEEG_LORA_LINEAR=fused`` in the environment (or
-    ``fedeeg.models._fused_lora.LORA_LINEAR = 'fused'``), the adapted Linear
-    layers compute base and adapter in one GEMM forward and one backward
-    (:mod:`fedeeg.models._fused_lora`); parameter names and the state dict
-    are peft's either way. The default, ``'peft'``, keeps peft's forward.
+    The adapted Linear layers become :mod:`fedeeg.models._fused_lora`'s
+    subclass of peft's layer, which computes base and adapter in one GEMM
+    forward and one backward on CUDA inside ``torch.compile`` (the default,
+    ``FEDEEG_LORA_LINEAR=auto``), everywhere with ``fused``, and never with
+    ``peft`` (which also keeps peft's class); otherwise it runs peft's own
+    forward. Parameter names and the state dict are peft's either way.
     """
     if not isinstance(spec, LoraSpec):
         raise TypeError(f"'spec' must be a LoraSpec, got {type(spec).__name__}.")
@@ -237,9 +238,10 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, freeze_a: bool = False, seed
         for n, p in peft_model.named_parameters():
             if ".lora_A." in n:
                 p.requires_grad_(False)
-    if linear_mode == "fused":
+    if linear_mode != "peft":
         n_fused = _fused_lora.use_fused_lora_linear(peft_model)
-        logger.info("LoRA Linear layers: %d use the fused forward/backward (FEDEEG_LORA_LINEAR=fused).", n_fused)
+        where = "everywhere" if linear_mode == "fused" else "on CUDA under torch.compile"
+        logger.debug("LoRA Linear layers: %d use the fused forward/backward %s (FEDEEG_LORA_LINEAR=%s).", n_fused, where, linear_mode)
     trainable, total = count_parameters(peft_model)
     logger.info(
         "LoRA %s on %d modules (freeze_a=%s): %d trainable of %d parameters.", spec.preset, len(names), freeze_a, trainable, total
