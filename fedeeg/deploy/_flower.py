@@ -90,13 +90,12 @@ class ActivePoll:
         return self.active if _time.monotonic() - self._last < self.window else self.idle
 
 
-def _mtime_ns(path: str | None) -> int | None:
-    if path is None:
-        return None
+def _mtime_ns(path: str) -> int:
+    """The file's modification time in ns; 0 while it does not exist (its creation then counts as a change)."""
     try:
         return os.stat(path).st_mtime_ns
     except OSError:
-        return None
+        return 0
 
 
 def wait_for_work(polls: ActivePoll, stop: threading.Event) -> None:
@@ -109,19 +108,17 @@ def wait_for_work(polls: ActivePoll, stop: threading.Event) -> None:
     is under way, this is ``stop.wait(polls.interval)``.
     """
     interval = polls.interval
-    seen = _mtime_ns(polls.wake_file)
-    if seen is None and polls.wake_file is not None:
-        seen = 0  # not created yet: its creation is the signal
     if polls.wake_file is None or interval <= polls.active:
         stop.wait(interval)
         return
+    seen = _mtime_ns(polls.wake_file)
     deadline = _time.monotonic() + interval
     while not stop.is_set():
         left = deadline - _time.monotonic()
         if left <= 0:
             return
         stop.wait(min(polls.active, left))
-        if (_mtime_ns(polls.wake_file) or 0) != seen:
+        if _mtime_ns(polls.wake_file) != seen:
             polls.busy()
             return
 

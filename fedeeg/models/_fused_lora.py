@@ -77,6 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cuda_paths import compiled_on_cuda
+
 #: The implementations of a LoRA Linear layer: ``'auto'`` picks between the other two per call.
 LORA_LINEAR_MODES = ("auto", "peft", "fused")
 #: Forward strategies of the fused path.
@@ -116,7 +118,7 @@ def fused_wanted(x: torch.Tensor) -> bool:
     """
     if LORA_LINEAR == "fused":
         return True
-    return LORA_LINEAR == "auto" and x.is_cuda and torch.compiler.is_compiling()
+    return LORA_LINEAR == "auto" and compiled_on_cuda(x)
 
 
 def _pad_width(k: int, r: int, pad_to: int) -> int:

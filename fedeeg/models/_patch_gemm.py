@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_option
+from ._cuda_paths import compiled_on_cuda
 
 #: The implementations of the patch embedding; ``'auto'`` picks one of the other two per call.
 MODES = ("auto", "conv", "gemm")
@@ -69,7 +70,7 @@ def resolve_mode(x: torch.Tensor) -> str:
     """
     mode = check_option("FEDEEG_PATCH_EMBED", MODE, MODES)
     if mode == "auto":
-        return "gemm" if x.is_cuda and torch.compiler.is_compiling() else "conv"
+        return "gemm" if compiled_on_cuda(x) else "conv"
     return mode
 
 #: Apply an active LoRA dropout to a contiguous copy of the input in the convolution's layout
