@@ -8,6 +8,8 @@ path) and float32; tests/test_gpu.py checks bf16 on CUDA. To run them::
 
     pip install --no-deps --target /tmp/tsite triton   # any Triton with the interpreter
     TRITON_INTERPRET=1 PYTHONPATH=.:/tmp/tsite python -m pytest tests/test_short_attention.py
+
+The tests marked ``gpu`` compile the op with inductor on CUDA (skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from fedeeg.models import _short_attention as sa
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def gpu(fn):
+    """Mark a test that compiles the registered ops with inductor on CUDA: skipped without a GPU."""
+    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
+    fn = pytest.mark.skipif(
+        not sa.TRITON_OP or sa.INTERPRETED, reason="needs torch.library.triton_op and compiled (not interpreted) Triton"
+    )(fn)
+    return pytest.mark.gpu(fn)
 
 
 def interpreter(fn):
@@ -102,6 +113,22 @@ def test_defaults_keep_the_tile_kernels_and_their_warps(monkeypatch):
     assert sa._launch_params(33, 20, "bwd") == ("tile", {"BLOCK_T": 64, "BLOCK_D": 32, "D": 20, "num_warps": 4})
     impl, params = sa._launch_params(77, 20, "bwd", impl="qblock")
     assert params["BLOCK_M"] == sa.DEFAULT_BLOCK_M[1] and params["num_warps"] == 4
+
+
+def test_short_attention_passes_the_module_knobs_to_the_ops(monkeypatch):
+    # Prepare: knobs as one value, as (forward, backward) pairs, and unset
+    monkeypatch.setattr(sa, "IMPL", ("tile", "qblock"))
+    monkeypatch.setattr(sa, "BLOCK_M", (64, 16))
+    monkeypatch.setattr(sa, "NUM_WARPS", 8)
+    monkeypatch.setattr(sa, "NUM_STAGES", None)
+    # Execute
+    knobs = sa._knobs()
+    config = sa._config(*knobs)
+    # Assert: what the ops receive launches exactly what the module's knobs say
+    assert knobs == ("tile,qblock", [64, 16], [8, 8], [0, 0])
+    for which in ("fwd", "bwd"):
+        for T, D in ((77, 20), (5, 16), (128, 64)):
+            assert sa._launch_params(T, D, which, **config) == sa._launch_params(T, D, which)
 
 
 # --- kernels under the interpreter -----------------------------------------------------------
@@ -204,3 +231,110 @@ def test_custom_op_autograd_runs_the_chosen_kernels(monkeypatch, impl):
     assert _rel(out.detach(), ref_o) < TOL[torch.float16]
     for got, want in ((q.grad, ref_dq), (k.grad, ref_dk), (v.grad, ref_dv)):
         assert _rel(got, want) < TOL[torch.float16]
+
+
+@interpreter
+def test_compiled_calls_read_the_knobs_at_every_call(monkeypatch):
+    # Prepare: dynamo only (the interpreter's kernels run eagerly); it guards on the knobs short_attention passes
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(sa, "IMPL", "qblock")
+    monkeypatch.setattr(sa, "BLOCK_M", None)
+    shape = (2, 2, 77, 20)
+    q, k, v, grad = _inputs(shape, torch.float16, seed=4)
+    ref_o, _, ref_dq, ref_dk, ref_dv = _reference(q, k, v, grad, 20**-0.5)
+    counter = CompileCounter()
+    attend = torch.compile(lambda q, k, v: sa.short_attention(q, k, v, 20**-0.5), backend=counter, fullgraph=True)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves)
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad))
+
+    # Execute
+    first, again = run(), run()
+    monkeypatch.setattr(sa, "IMPL", "tile")
+    tile = run()
+    monkeypatch.setattr(sa, "BLOCK_M", (64, 32))
+    monkeypatch.setattr(sa, "IMPL", ("qblock", "tile"))
+    pair = run()
+    frames = counter.frame_count
+    torch._dynamo.reset()
+    # Assert: one graph per knob setting, each right
+    assert frames == 3
+    for got in (first, again, tile, pair):
+        for g, want in zip(got, (ref_o, ref_dq, ref_dk, ref_dv)):
+            assert _rel(g, want) < TOL[torch.float16]
+
+
+# --- inductor on CUDA --------------------------------------------------------------------------
+
+
+def _cuda_attention(impl):
+    """A tiny compiled-or-eager function around short_attention, bf16 LaBraM-shaped CUDA inputs, an output gradient."""
+    B, H, T, D = 8, 10, 77, 20
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkvs = [torch.randn(B, T, 3, H, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3)]
+    grads = [torch.randn(B, T, H * D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3)]
+
+    def attend(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as LaBraM's
+        return sa.short_attention(q, k, v, D**-0.5).flatten(2) * 2.0
+
+    return attend, qkvs, grads
+
+
+def _fwd_bwd(fn, qkv, grad):
+    qkv = qkv.detach().requires_grad_()
+    out = fn(qkv)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    return out.detach().clone(), dqkv.clone()
+
+
+@gpu
+@pytest.mark.parametrize("impl", sa.IMPLS)
+def test_inductor_launches_the_kernels_itself_and_matches_eager(monkeypatch, impl):
+    # Prepare
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(sa, "IMPL", impl)
+    attend, (qkv, *_), (grad, *_) = _cuda_attention(impl)
+    want = _fwd_bwd(attend, qkv, grad)
+    compiled = torch.compile(attend, fullgraph=True)
+    # Execute
+    got, codes = run_and_get_code(_fwd_bwd, compiled, qkv, grad)
+    code = "\n".join(codes)
+    torch._dynamo.reset()
+    # Assert: the Triton kernels are in inductor's own code, the opaque op is not called; same results
+    assert f"{impl}_fwd" in code and f"{impl}_bwd" in code
+    assert "torch.ops.fedeeg.short_attention" not in code
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert float((g.float() - w.float()).norm() / w.float().norm()) < 1e-2
+
+
+@gpu
+def test_reduce_overhead_replays_forward_and_backward_in_cuda_graphs(monkeypatch):
+    # Prepare
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(sa, "IMPL", "qblock")
+    attend, qkvs, grads = _cuda_attention("qblock")
+    want = [_fwd_bwd(attend, qkv, grad) for qkv, grad in zip(qkvs, grads)]
+    compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+    # Execute: warm-up, recording, replay; each call's outputs cloned before the next
+    got = []
+    for qkv, grad in zip(qkvs, grads):
+        torch.compiler.cudagraph_mark_step_begin()
+        got.append(_fwd_bwd(compiled, qkv, grad))
+    skips = dict(counters["inductor"])
+    torch._dynamo.reset()
+    # Assert: no graph skipped CUDA graphs, every call right
+    assert not any(k.startswith("cudagraph_skips") and v for k, v in skips.items()), skips
+    for g_call, w_call in zip(got, want):
+        for g, w in zip(g_call, w_call):
+            assert float((g.float() - w.float()).norm() / w.float().norm()) < 1e-2

@@ -48,13 +48,23 @@ layout the output projection reads (no transpose copy follows), the same
 natural-log log-sum-exp, and contiguous ``(batch, num_heads, n_tokens,
 head_dim)`` gradients, so a forward of one may be paired with a backward of
 the other. Operands of the matrix products are in the inputs' dtype (bf16 or
-fp16) and the products accumulate in float32, as in flash attention. The ops
-are registered with ``torch.library.custom_op`` so they work eagerly, under
-autograd, and as opaque kernels under ``torch.compile``.
+fp16) and the products accumulate in float32, as in flash attention.
+
+The ops ``fedeeg::short_attention_fwd`` and ``fedeeg::short_attention_bwd`` are
+registered with ``torch.library.triton_op`` (torch >= 2.6 with Triton; else
+``torch.library.custom_op``), their kernels launched through
+``torch.library.wrap_triton``, and the backward with ``register_autograd``, so
+they work eagerly and under autograd, and under ``torch.compile`` inductor sees
+the Triton kernels and launches them from its generated wrapper code (no
+Python op dispatch per call; CUDA graphs capture them) instead of calling an
+opaque op. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``) the kernels
+are launched directly, eagerly only.
 
 Tuning knobs, read from the environment at import and kept as module
-attributes (which the launches read at every call, so a benchmark may change
-them between calls):
+attributes. :func:`short_attention` reads them at every call and passes them
+to the ops (the backward uses those of its forward call), so a benchmark may
+change them between calls; under ``torch.compile`` dynamo guards on them and a
+change recompiles:
 
 ``FEDEEG_SHORT_ATTENTION_IMPL`` (:data:`IMPL`)
     ``qblock`` (default since it was measured end to end: H100, LaBraM-Base,
@@ -78,9 +88,9 @@ else (CPU, float32, long sequences, no Triton) uses
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -90,6 +100,12 @@ ENABLED = os.environ.get("FEDEEG_SHORT_ATTENTION", "1").strip().lower() not in (
 #: Triton is importable (CUDA builds of torch ship it; CPU builds do not). Decided once, at import,
 #: so that the check costs nothing inside a compiled forward.
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+if TRITON_AVAILABLE:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # a broken install: behave as a CPU build
+        TRITON_AVAILABLE = False
 
 #: Longest sequence and widest head the one-tile kernel takes.
 MAX_TOKENS = 128
@@ -193,17 +209,11 @@ def _next_pow2(n: int, low: int = 16) -> int:
     return p
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels() -> dict:
-    """Compile-on-first-use Triton kernels (imported lazily: CPU installs have no Triton).
+if TRITON_AVAILABLE:
+    # The kernels are module-level @triton.jit functions (defined only where Triton imports) so that
+    # torch.library.triton_op finds them in the ops' source: their code then enters the key of
+    # AOTAutograd's cache, and inductor compiles and launches them from its own wrapper.
 
-    Returns
-    -------
-    dict
-        ``{(impl, "fwd" | "bwd"): kernel}`` for every impl of :data:`IMPLS`.
-    """
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def tile_fwd(
@@ -213,6 +223,7 @@ def _kernels() -> dict:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64: keep the arithmetic fp32
         b = pid // H
         h = pid % H
         t = tl.arange(0, BLOCK_T)
@@ -239,6 +250,7 @@ def _kernels() -> dict:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64: keep the arithmetic fp32
         b = pid // H
         h = pid % H
         t = tl.arange(0, BLOCK_T)
@@ -273,6 +285,7 @@ def _kernels() -> dict:
         BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64: keep the arithmetic fp32
         b = pid // H
         h = pid % H
         t = tl.arange(0, BLOCK_T)
@@ -308,6 +321,7 @@ def _kernels() -> dict:
         BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64: keep the arithmetic fp32
         b = pid // H
         h = pid % H
         t = tl.arange(0, BLOCK_T)
@@ -350,12 +364,48 @@ def _kernels() -> dict:
         tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
+
+def _kernels() -> dict:
+    """The Triton kernels by implementation and pass (needs Triton).
+
+    Returns
+    -------
+    dict
+        ``{(impl, "fwd" | "bwd"): kernel}`` for every impl of :data:`IMPLS`: ``@triton.jit``
+        functions (``InterpretedFunction`` objects under ``TRITON_INTERPRET=1``), compiled by Triton
+        on their first launch.
+
+    Raises
+    ------
+    ImportError
+        Where Triton is not importable.
+    """
+    if not TRITON_AVAILABLE:
+        raise ImportError("fedeeg's short-sequence attention kernels need Triton (CPU builds of torch do not ship it)")
     return {
         ("tile", "fwd"): tile_fwd,
         ("tile", "bwd"): tile_bwd,
         ("qblock", "fwd"): qblock_fwd,
         ("qblock", "bwd"): qblock_bwd,
     }
+
+
+#: Whether the ops are ``torch.library.triton_op`` (torch >= 2.6 with Triton), whose kernels inductor
+#: sees and launches from its own wrapper code (and captures in CUDA graphs), or opaque
+#: ``torch.library.custom_op`` (older torch, or no Triton: then the ops never run).
+TRITON_OP = TRITON_AVAILABLE and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+#: Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import) made the kernels ``InterpretedFunction``
+#: objects, which run eagerly on CPU tensors but cannot be traced (and which torch < 2.13's
+#: ``wrap_triton`` refuses).
+INTERPRETED = TRITON_AVAILABLE and not isinstance(tile_fwd, triton.runtime.jit.JITFunction)
+
+if TRITON_OP and not INTERPRETED:
+    from torch.library import wrap_triton
+else:
+
+    def wrap_triton(kernel):
+        """The kernel itself: launched directly (custom_op, or the interpreter's eager launches)."""
+        return kernel
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -438,7 +488,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     impl, params = _launch_params(T, D, "fwd", **config)
-    _kernels()[impl, "fwd"][(B * H,)](
+    kernel = _kernels()[impl, "fwd"]
+    wrap_triton(kernel)[(B * H,)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1),
@@ -475,7 +526,8 @@ def _backward_grads(
     B, H, T, D = q.shape
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     impl, params = _launch_params(T, D, "bwd", **config)
-    _kernels()[impl, "bwd"][(B * H,)](
+    kernel = _kernels()[impl, "bwd"]
+    wrap_triton(kernel)[(B * H,)](
         q, k, v, o, do, lse, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1),
@@ -485,41 +537,86 @@ def _backward_grads(
     return dq, dk, dv
 
 
-@torch.library.custom_op("fedeeg::short_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale)
+def _int_pair(value) -> list[int]:
+    """A knob (int, (forward, backward) pair or None) as two ints, 0 for None."""
+    fwd, bwd = (value[0], value[1]) if isinstance(value, (tuple, list)) else (value, value)
+    return [int(fwd or 0), int(bwd or 0)]
 
 
+def _knobs() -> tuple[str, list[int], list[int], list[int]]:
+    """The module's knobs :data:`IMPL`, :data:`BLOCK_M`, :data:`NUM_WARPS`, :data:`NUM_STAGES`, as the ops take them.
+
+    :func:`short_attention` reads them at every call and passes them to the ops, so that under
+    ``torch.compile`` dynamo guards on them (a change recompiles) and they enter the key of
+    AOTAutograd's cache, instead of being frozen into the graph when the op is traced.
+
+    Returns
+    -------
+    impl : str
+        ``"F,B"``: the forward's and the backward's implementation.
+    block_m, num_warps, num_stages : list of two ints
+        (forward, backward); 0 stands for the default.
+    """
+    impl = IMPL if isinstance(IMPL, (tuple, list)) else (IMPL, IMPL)
+    return f"{impl[0]},{impl[1]}", _int_pair(BLOCK_M), _int_pair(NUM_WARPS), _int_pair(NUM_STAGES)
+
+
+def _config(impl: str, block_m: Sequence[int], num_warps: Sequence[int], num_stages: Sequence[int]) -> dict:
+    """The ops' knob arguments (see :func:`_knobs`) as :func:`_launch_params`'s keyword arguments."""
+    return {
+        "impl": _parse_impl(impl),
+        "block_m": (block_m[0], block_m[1]),
+        "num_warps": (num_warps[0], num_warps[1]),
+        "num_stages": (num_stages[0], num_stages[1]),
+    }
+
+
+_register_op = torch.library.triton_op if TRITON_OP else torch.library.custom_op
+
+
+@_register_op("fedeeg::short_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    impl: str, block_m: Sequence[int], num_warps: Sequence[int], num_stages: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, **_config(impl, block_m, num_warps, num_stages))
+
+
+# triton_op registers the function itself as the fake implementation (wrap_triton launches nothing on
+# fake tensors); these shape-only ones replace it: cheaper to trace, and they need no Triton (custom_op,
+# or the interpreter's InterpretedFunction, which would run on fake tensors).
 @_fwd_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, impl, block_m, num_warps, num_stages):
     B, H, T, D = q.shape
     return q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("fedeeg::short_attention_bwd", mutates_args=())
+@_register_op("fedeeg::short_attention_bwd", mutates_args=())
 def _bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, scale: float,
+    impl: str, block_m: Sequence[int], num_warps: Sequence[int], num_stages: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_grads(q, k, v, o, lse, do, scale)
+    return _backward_grads(q, k, v, o, lse, do, scale, **_config(impl, block_m, num_warps, num_stages))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, o, lse, do, scale):
+def _(q, k, v, o, lse, do, scale, impl, block_m, num_warps, num_stages):
     B, H, T, D = q.shape
     return tuple(q.new_empty((B, H, T, D)) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
+    q, k, v, scale, *knobs = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = scale
+    ctx.knobs = knobs  # the backward runs with the knobs of its forward call
 
 
 def _backward(ctx, do: torch.Tensor, dlse: torch.Tensor | None):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, ctx.scale, *ctx.knobs)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -544,4 +641,4 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         heads), equal to ``scaled_dot_product_attention(q, k, v, scale=scale)
         .transpose(1, 2)``. The kernels are those of :data:`IMPL`.
     """
-    return _fwd_op(q, k, v, float(scale))[0]
+    return _fwd_op(q, k, v, float(scale), *_knobs())[0]
