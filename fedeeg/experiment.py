@@ -427,7 +427,8 @@ def run_centralized(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         res = train_epochs(model, pooled, epochs=cfg.local_epochs, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           batch_size=cfg.batch_size, device=device, seed=cfg.seed * 100_003 + rnd)
+                           batch_size=cfg.batch_size, device=device, seed=cfg.seed * 100_003 + rnd,
+                           compile=cfg.compile_for(device))
         per_site = {s.name: evaluate(model, s.test, device=device) for s in sites}
         rec = round_record(rnd, per_site, [(res.loss, res.n_examples)], time.perf_counter() - t0,
                             windows_per_second=round(res.windows_per_second, 1))
@@ -457,7 +458,7 @@ def run_local(cfg: RunConfig, sites: list[SiteSplit], on_round: Callable[[dict],
         for i, s in enumerate(sites):
             res = train_epochs(models[s.name], s.train, epochs=cfg.local_epochs, lr=cfg.learning_rate,
                                weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, device=device,
-                               seed=cfg.seed * 100_003 + rnd * 101 + i)
+                               seed=cfg.seed * 100_003 + rnd * 101 + i, compile=cfg.compile_for(device))
             losses.append((res.loss, res.n_examples))
             per_site[s.name] = evaluate(models[s.name], s.test, device=device)
         rec = round_record(rnd, per_site, losses, time.perf_counter() - t0)

@@ -29,6 +29,7 @@ def test_pyproject_app_config_matches_runconfig_defaults():
         ("test_fraction", 1.5, r"'test_fraction' must be <= 0.99"),
         ("window_seconds", 2.5, r"whole number of 1-s patches"),
         ("lora_rank", 2.0, r"'lora_rank' must be int"),
+        ("compile", "max-autotune", r"'compile'.*'off', 'on', 'reduce-overhead'.*'max-autotune'"),
     ],
 )
 def test_bad_values_name_parameter_and_value(field, value, match):
@@ -54,3 +55,35 @@ def test_effective_learning_rate_per_strategy():
     assert RunConfig(strategy="ffa").learning_rate == pytest.approx(1e-2)
     assert RunConfig(strategy="fedit").learning_rate == pytest.approx(5e-3)
     assert RunConfig(strategy="ffa", lr=1e-2).learning_rate == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize(
+    "setting, device, want",
+    [
+        ("off", "cuda", False),
+        ("on", "cpu", False),  # CPU sites train eagerly whatever the run says
+        ("on", "cuda", True),
+        ("reduce-overhead", "cuda:0", "reduce-overhead"),
+        ("max-autotune-no-cudagraphs", "cpu", False),
+    ],
+)
+def test_compile_applies_only_to_cuda_training(setting, device, want):
+    assert RunConfig(compile=setting).compile_for(device) == want
+
+
+def test_training_gets_the_compile_setting(monkeypatch):
+    # Prepare: a centralized run on the CPU with compile on; record what train_epochs is asked
+    import fedeeg.experiment as experiment
+    from fedeeg.experiment import prepare_sites, run_centralized
+
+    seen, asked = [], []
+    train = experiment.train_epochs
+    monkeypatch.setattr(experiment, "train_epochs", lambda *a, **kw: seen.append(kw["compile"]) or train(*a, **kw))
+    monkeypatch.setattr(RunConfig, "compile_for", lambda self, device: asked.append((self.compile, str(device))) or False)
+    cfg = RunConfig(mode="centralized", rounds=2, local_epochs=1, synth_subjects=2, synth_windows_per_class=2,
+                    device="cpu", compile="on")
+    # Execute
+    run_centralized(cfg, prepare_sites(cfg))
+    # Assert: each round's training asked the run config for the device it trains on
+    assert asked == [("on", "cpu")] * 2
+    assert seen == [False, False]

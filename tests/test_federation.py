@@ -509,3 +509,22 @@ def test_next_train_evaluation_waits_through_a_skipped_round():
     assert [bool(c.get("evaluate-first")) for _, t, c in sent if t == "train"] == [False, True, True]
     assert second["sites_answered"] == 0 and first["test"] and first["test"] == second["test"]
     assert third["test"] and not any("evaluation_pending" in h for h in result.history)
+
+
+def test_site_training_gets_the_runs_compile_setting(monkeypatch):
+    # Prepare: compile on in the run config; a CPU site (record what train_epochs is asked, train as asked)
+    import fedeeg.training as training
+    from fedeeg.federation.client_app import handle
+
+    seen, asked = [], []
+    train = training.train_epochs
+    monkeypatch.setattr(training, "train_epochs", lambda *a, **kw: seen.append(kw["compile"]) or train(*a, **kw))
+    monkeypatch.setattr(RunConfig, "compile_for", lambda self, device: asked.append((self.compile, str(device))) or False)
+    cfg = RunConfig(compile="on", **SMALL)  # SMALL trains on the CPU
+    message, _ = _train_message(cfg)
+    # Execute
+    reply = handle(message, _context(0), cfg, "train")
+    # Assert: the site asked the run config for the device it trains on, and trained as told
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert asked == [("on", "cpu")]
+    assert seen == [False]

@@ -157,7 +157,7 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
     result : fedeeg.training.TrainResult
     """
     from ..models import trainable_state_dict
-    from ..training import evaluate, train_epochs
+    from ..training import evaluate, resolve_device, train_epochs
 
     model = _model(cfg, len(site.train.label_names))
     if R.ARRAYS not in message.content.array_records:
@@ -174,6 +174,7 @@ def train_local(cfg: RunConfig, message: Message, pid: int, site, *,
         result = train_epochs(
             model, site.train, epochs=cfg.local_epochs, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
             batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed * 100_003 + server_round * 101 + pid,
+            compile=cfg.compile_for(resolve_device(cfg.device)),
         )
         trained = {k: v.numpy() for k, v in trainable_state_dict(model).items()}
     if cfg.personalise != "none":
