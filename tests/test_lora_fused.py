@@ -33,14 +33,16 @@ RTOL = 1e-5
 def fused_calls(monkeypatch):
     """Counts the calls of the fused autograd Function (so a test knows which path ran)."""
     calls = []
-    forward = fl.FusedLoraLinearFunction.forward
+    # (Function, position of the bias among forward's arguments); the Cat Function runs where the LoRA
+    # input kernel (fedeeg.models._lora_input) applies: CUDA inputs
+    for fn, bias_at in ((fl.FusedLoraLinearFunction, 4), (fl.FusedLoraCatLinearFunction, 3)):
 
-    def counting(ctx, *args):
-        calls.append(args[4] is not None)  # whether the layer has a bias
-        return forward(ctx, *args)
+        def counting(ctx, *args, _forward=fn.forward, _bias_at=bias_at):
+            calls.append(args[_bias_at] is not None)  # whether the layer has a bias
+            return _forward(ctx, *args)
 
-    # forward, not apply: under torch.compile, AOTAutograd traces forward itself (once per layer)
-    monkeypatch.setattr(fl.FusedLoraLinearFunction, "forward", staticmethod(counting))
+        # forward, not apply: under torch.compile, AOTAutograd traces forward itself (once per layer)
+        monkeypatch.setattr(fn, "forward", staticmethod(counting))
     return calls
 
 

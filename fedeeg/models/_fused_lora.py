@@ -47,6 +47,12 @@ names, same state dict; only ``forward`` differs).
 * ``'peft'``: peft's own forward everywhere (and :func:`apply_lora` leaves
   the layers' class alone).
 
+With ``FEDEEG_LORA_INPUT_KERNEL=1`` (off by default, not yet run on a GPU), a
+fused layer on CUDA builds ``[x, h, 0]`` with :mod:`._lora_input`'s kernel
+(dropout drawn in the kernel, no stored mask) and multiplies it in
+:class:`FusedLoraCatLinearFunction`; :func:`fused_gelu_linear` lets an MLP
+move its GELU into that kernel.
+
 Whatever the fused path does not cover falls back to peft's forward, per call:
 adapters disabled or merged, several active adapters, variants (DoRA, ...),
 ``lora_bias``, ``fan_in_fan_out``, extra forward arguments
@@ -77,6 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _lora_input
 from ._cuda_paths import compiled_on_cuda
 
 #: The implementations of a LoRA Linear layer: ``'auto'`` picks between the other two per call.
@@ -246,6 +253,66 @@ class FusedLoraLinearFunction(torch.autograd.Function):
         return dx, dh, None, d_b, d_bias, None, None, None, None
 
 
+class FusedLoraCatLinearFunction(torch.autograd.Function):
+    """``y = x_cat @ [W, s B, 0]^T + bias`` for an ``x_cat = [x, h, 0]`` built by :mod:`._lora_input`.
+
+    As :class:`FusedLoraLinearFunction`, but the operand ``[x, h, 0]``
+    arrives whole (the input kernel writes it), and the backward pass returns
+    the gradient of all of it, ``g = dY @ [W, s B, 0]`` (``(M, K + r +
+    pad)``), which the input kernel's backward turns into ``dx`` and ``dA``.
+    Saves ``x_cat`` (kept by the input kernel anyway) and the small
+    concatenated weight.
+
+    Parameters
+    ----------
+    (of ``FusedLoraCatLinearFunction.apply``)
+
+    x_cat : torch.Tensor
+        Shape ``(M, K + r + pad)``, the compute dtype.
+    weight : torch.Tensor
+        Frozen ``W``, shape ``(N, K)``; gets no gradient.
+    lora_b : torch.Tensor
+        ``B``, shape ``(N, r)``.
+    bias : torch.Tensor | None
+        Shape ``(N,)``.
+    scaling : float
+        ``s``.
+    k, r : int
+        Widths of ``x`` and ``h`` inside ``x_cat``.
+    chunk_rows : int
+        Split-K chunk of the ``dB`` reduction (see :func:`rows_t_matmul`).
+    """
+
+    @staticmethod
+    def forward(ctx, x_cat, weight, lora_b, bias, scaling, k, r, chunk_rows):
+        dtype = x_cat.dtype
+        pad = x_cat.shape[1] - k - r
+        b_s = lora_b.to(dtype) * scaling  # (N, r)
+        w_cat = torch.cat([weight.to(dtype), F.pad(b_s, (0, pad)) if pad else b_s], dim=1)  # (N, K + r + pad)
+        y = F.linear(x_cat, w_cat, None if bias is None else bias.to(dtype))  # (M, N)
+        ctx.save_for_backward(x_cat, w_cat)
+        ctx.scaling, ctx.k, ctx.r, ctx.chunk_rows = scaling, k, r, chunk_rows
+        ctx.lora_b_dtype = lora_b.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # dy: (M, N)
+        x_cat, w_cat = ctx.saved_tensors
+        k, r = ctx.k, ctx.r
+        need_x, _, need_b, need_bias = ctx.needs_input_grad[:4]
+        g = d_b = d_bias = None
+        if need_x:
+            g = dy @ w_cat  # (M, K + r + pad): [dx_base, dh, 0]
+        if need_b:
+            h_pad = x_cat[:, k:]  # (M, r + pad): h and its zero columns, aligned as x_cat's rows
+            d_b = (rows_t_matmul(dy, h_pad, ctx.chunk_rows)[:, :r] * ctx.scaling).to(ctx.lora_b_dtype)  # (N, r)
+        if need_bias:
+            d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # (N,)
+        return g, None, d_b, d_bias, None, None, None, None
+
+
 def _compute_dtype(layer: nn.Module, x: torch.Tensor, adapter: str) -> torch.dtype | None:
     """The dtype peft's base GEMM runs in, or None where the fused path does not apply."""
     base = layer.get_base_layer()
@@ -294,7 +361,46 @@ def fused_supported(layer: nn.Module, x: torch.Tensor) -> bool:
     return _compute_dtype(layer, x, adapter) is not None
 
 
-def fused_lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_kernel_applies(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`fused_lora_linear` builds the adapter input with :mod:`._lora_input`'s kernel.
+
+    Where :func:`fused_supported` holds, the layer's dropout is ``nn.Dropout``
+    or ``nn.Identity`` and the kernel takes ``x`` (CUDA, rank and size limits).
+    """
+    adapter = layer.active_adapters[0]
+    dropout = layer.lora_dropout[adapter]
+    return type(dropout) in (nn.Dropout, nn.Identity) and _lora_input.supported(x, layer.lora_A[adapter].weight.shape[0])
+
+
+def fused_gelu_linear(layer: nn.Module, f: torch.Tensor) -> torch.Tensor | None:
+    """``layer(F.gelu(f))`` with the GELU inside the LoRA input kernel, or None where that path does not apply.
+
+    For an MLP's second Linear: the kernel reads the pre-activation ``f``
+    once and keeps it for the backward pass, instead of a GELU kernel
+    writing ``gelu(f)`` and the input kernel reading it again.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        Any module; only a :class:`FusedLoraLinear` on the fused path
+        (:func:`fused_wanted`, :func:`fused_supported`,
+        :func:`input_kernel_applies`) is handled.
+    f : torch.Tensor
+        The pre-activation, shape ``(..., K)``.
+
+    Returns
+    -------
+    y : torch.Tensor or None
+        Shape ``(..., N)``; None: call ``layer(F.gelu(f))`` instead.
+    """
+    if getattr(layer, "lora_A", None) is None or type(layer).__name__ != "FusedLoraLinear":
+        return None
+    if not (fused_wanted(f) and fused_supported(layer, f) and input_kernel_applies(layer, f)):
+        return None
+    return fused_lora_linear(layer, f, activation="gelu")
+
+
+def fused_lora_linear(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """The fused forward of a peft LoRA Linear layer (check :func:`fused_supported` first).
 
     Parameters
@@ -304,6 +410,11 @@ def fused_lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         frozen weight.
     x : torch.Tensor
         Shape ``(..., K)``.
+    activation : {None, "gelu"}
+        ``"gelu"``: ``x`` is a pre-activation and the layer is applied to
+        ``F.gelu(x)``, computed inside the LoRA input kernel (only where
+        :func:`fedeeg.models._lora_input.supported` holds: check
+        :func:`input_kernel_applies` first).
 
     Returns
     -------
@@ -316,6 +427,21 @@ def fused_lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     dtype = _compute_dtype(layer, x, adapter)
     k, n = base.in_features, base.out_features
+    dropout = layer.lora_dropout[adapter]
+    r = lora_a.weight.shape[0]
+    if input_kernel_applies(layer, x):
+        # one kernel: (gelu,) dropout (mask drawn in the kernel, not stored), h = A drop(x), [x, h, 0]
+        p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        x_cat = _lora_input.lora_input(
+            x.reshape(-1, k).to(dtype), lora_a.weight.to(dtype), p, _pad_width(k, r, max(int(PAD_TO), 1)),
+            activation=activation,
+        )  # (M, K + r + pad)
+        y = FusedLoraCatLinearFunction.apply(
+            x_cat, base.weight, lora_b.weight, base.bias, float(layer.scaling[adapter]), k, r, int(SPLIT_K_ROWS),
+        )  # (M, N)
+        return y.reshape(*x.shape[:-1], n)  # (..., N)
+    if activation is not None:
+        raise ValueError(f"activation={activation!r} needs the LoRA input kernel, which does not apply here.")
     # as peft: the adapter input in lora_A's dtype, dropout by the layer's own module (same RNG use)
     cast = getattr(layer, "_cast_input_dtype", None)
     x_a = cast(x, lora_a.weight.dtype) if cast is not None else x.to(lora_a.weight.dtype)
@@ -416,5 +542,7 @@ __all__ = [
     "FusedLoraLinearFunction",
     "fused_supported",
     "fused_lora_linear",
+    "input_kernel_applies",
+    "fused_gelu_linear",
     "use_fused_lora_linear",
 ]

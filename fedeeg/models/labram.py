@@ -27,7 +27,7 @@ from torch import nn
 
 from .._hashing import sha256_file
 from .._validation import check_option, check_range
-from . import _patch_gemm
+from . import _fused_lora, _patch_gemm, _qkv_attention
 from ._short_attention import short_attention, short_attention_supported
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, n_tokens, dim = x.shape  # (batch, n_tokens, embed_dim)
         qkv = self.qkv(x)  # (batch, n_tokens, 3 * embed_dim)
+        if _qkv_attention.supported(qkv, self.num_heads, self.q_norm, self.k_norm):
+            # CUDA, bf16/fp16: q/k norms and attention in one Triton kernel each way, d(qkv) in qkv's layout
+            x = _qkv_attention.qkv_attention(qkv, self.num_heads, self.q_norm, self.k_norm, self.scale)
+            return self.proj(x.reshape(batch, n_tokens, dim))  # (batch, n_tokens, embed_dim)
         qkv = qkv.reshape(batch, n_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (batch, num_heads, n_tokens, head_dim)
         # LayerNorm runs in float32 under autocast: bring q, k back to v's dtype.
@@ -217,7 +221,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 → GELU → fc2."""
+    """fc1 → GELU → fc2.
+
+    Where ``fc2`` is a fused LoRA Linear on CUDA inside ``torch.compile``
+    (see :mod:`fedeeg.models._fused_lora`), the GELU runs inside its LoRA
+    input kernel (:func:`fedeeg.models._fused_lora.fused_gelu_linear`).
+    """
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -225,7 +234,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # (batch, n_tokens, embed_dim)
+        f = self.fc1(x)  # (batch, n_tokens, hidden)
+        y = _fused_lora.fused_gelu_linear(self.fc2, f)  # None unless fc2 takes the GELU into its input kernel
+        return y if y is not None else self.fc2(F.gelu(f))  # (batch, n_tokens, embed_dim)
 
 
 class Block(nn.Module):
@@ -334,7 +345,11 @@ class LaBraM(nn.Module):
     def channel_index(self, ch_names: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """Position-embedding slots ``[0] + [vocab index + 1 ...]`` of the channels, shape (1 + n_chans,).
 
-        Cached per tuple of names and device.
+        Cached per tuple of names and device. Inside ``torch.compile`` the
+        index is built afresh instead, so that it becomes a constant of the
+        compiled graph: a cached tensor made inside a compiled region would
+        be an output of that region (which a CUDA-graph replay overwrites)
+        and would change the cache that the graph's guards check.
 
         Raises
         ------
@@ -344,10 +359,18 @@ class LaBraM(nn.Module):
         if isinstance(ch_names, str):
             raise TypeError(f"'ch_names' must be a sequence of channel names, got the string {ch_names!r}.")
         names = tuple(str(c) for c in ch_names)
+        if torch.compiler.is_compiling():
+            return torch.tensor(self._channel_slots(names), dtype=torch.long, device=device)
         key = (names, str(torch.device(device)))
         idx = self._chan_cache.get(key)
         if idx is not None:
             return idx
+        idx = torch.tensor(self._channel_slots(names), dtype=torch.long, device=device)
+        self._chan_cache[key] = idx
+        return idx
+
+    def _channel_slots(self, names: tuple[str, ...]) -> list[int]:
+        """The slots of :meth:`channel_index` as a list of ints (validated)."""
         from ..data.channels import input_chans
 
         try:
@@ -361,9 +384,7 @@ class LaBraM(nn.Module):
                 f"Channel(s) {', '.join(too_far)} have no slot in this backbone's position embedding, which has "
                 f"{n_pos} slots (cls + {n_pos - 1} channels); drop or rename these channels."
             )
-        idx = torch.tensor(slots, dtype=torch.long, device=device)
-        self._chan_cache[key] = idx
-        return idx
+        return slots
 
     def _check_input(self, x: torch.Tensor, ch_names: Sequence[str]) -> int:
         """Validate the input; return the number of patches."""
