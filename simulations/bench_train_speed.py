@@ -25,6 +25,13 @@ GPU (the acceptance run)::
 
     python simulations/bench_train_speed.py --device cuda --batch-sizes 64 256 1024
 
+The opt-in kernels not yet measured on a GPU (LoRA input kernel, q/k norms fused into the attention), against the
+defaults, one after the other on the same machine::
+
+    python simulations/bench_train_speed.py --device cuda --batch-sizes 1024 --compile --modes lora --loops ours --tag default
+    FEDEEG_LORA_INPUT_KERNEL=1 FEDEEG_QKV_ATTENTION=1 python simulations/bench_train_speed.py --device cuda \
+        --batch-sizes 1024 --compile --modes lora --loops ours --tag kernels
+
 peft's LoRA Linear layers against the fused ones (fedeeg.models._fused_lora), side by side::
 
     python simulations/bench_train_speed.py --device cuda --batch-sizes 1024 --compile \
@@ -54,7 +61,9 @@ sys.path.insert(0, str(ROOT))
 
 from fedeeg.data.base import WindowSet  # noqa: E402
 from fedeeg.data.channels import EEGMAT_CHANNELS, to_vocab  # noqa: E402
-from fedeeg.models import LoraSpec, _fused_lora, _patch_gemm, _short_attention, apply_lora, build_backbone  # noqa: E402
+from fedeeg.models import (  # noqa: E402
+    LoraSpec, _fused_lora, _lora_input, _patch_gemm, _qkv_attention, _short_attention, apply_lora, build_backbone,
+)
 from fedeeg.training import _autocast, _windows_on_device, train_epochs  # noqa: E402
 
 LR = {"lora": 5e-3, "lora-nodrop": 5e-3, "lora-fused": 5e-3, "lora-nodrop-fused": 5e-3, "full": 5e-4}
@@ -245,6 +254,8 @@ def main() -> None:
         "lora_fused": {"forward": args.lora_forward, "split_k_rows": args.lora_split_k_rows, "pad_to": args.lora_pad_to},
         "patch_embed": _patch_gemm.MODE,
         "short_attention_impl": _short_attention.IMPL,
+        "lora_input_kernel": _lora_input.ENABLED,
+        "qkv_attention": _qkv_attention.ENABLED,
         "fedeeg_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FEDEEG_")},
         "command": " ".join(["python", "simulations/bench_train_speed.py", *sys.argv[1:]]),
     }
