@@ -67,8 +67,10 @@ ON_CPU_UNDER_INTERPRETER = False
 MAX_RANK = 64
 #: Largest input width (one row is one tile).
 MAX_K = 8192
-#: Elements of one (rows x K) tile.
-TILE_ELEMENTS = 8192
+#: Elements of one (rows x K) tile: 2048 with 8 warps is 8 per thread (16-byte bf16 loads), 47-53 registers
+#: forward and 76-79 backward (ptxas for sm_90a, K = 200 and 800), so several programs share an SM; 8192 took
+#: 172-239 registers, one program per SM.
+TILE_ELEMENTS = 2048
 #: Rows per program of the backward kernel (its float32 ``dA`` partial sums are per program).
 BWD_ROWS_PER_PROGRAM = 256
 
@@ -208,7 +210,7 @@ def _tile(k: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_K, num_warps)`` for rows of width ``k``."""
     block_k = _next_pow2(k)
     block_m = max(1, min(64, TILE_ELEMENTS // block_k))
-    warps = 8 if block_m * block_k >= 8192 else 4
+    warps = 8 if block_m * block_k >= 2048 else 4
     return block_m, block_k, warps
 
 
