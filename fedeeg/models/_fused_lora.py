@@ -393,6 +393,7 @@ def fused_gelu_linear(layer: nn.Module, f: torch.Tensor) -> torch.Tensor | None:
     y : torch.Tensor or None
         Shape ``(..., N)``; None: call ``layer(F.gelu(f))`` instead.
     """
+    # by name: calling the cached _fused_class() inside torch.compile would make dynamo trace the class statement
     if getattr(layer, "lora_A", None) is None or type(layer).__name__ != "FusedLoraLinear":
         return None
     if not (fused_wanted(f) and fused_supported(layer, f) and input_kernel_applies(layer, f)):

@@ -76,10 +76,8 @@ BWD_ROWS_PER_PROGRAM = 256
 
 
 def _next_pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
+    """The smallest power of two >= n (>= 1)."""
+    return _short_attention._next_pow2(n, low=1)
 
 
 def supported(x: torch.Tensor, rank: int) -> bool:
@@ -219,9 +217,14 @@ def _wrap(kernel):
     return _short_attention.wrap_triton(kernel)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
+
+
+def _drop_scale(p: float) -> float:
+    """What kept elements are multiplied by: ``1 / (1 - p)`` (1 without dropout)."""
+    return 1.0 / (1.0 - p) if p > 0 else 1.0
 
 
 if TRITON_AVAILABLE:  # (registering a triton_op without Triton logs a warning at import)
@@ -232,9 +235,9 @@ if TRITON_AVAILABLE:  # (registering a triton_op without Triton logs a warning a
         r = a.shape[0]
         x_cat = torch.empty((m, k + r + pad), dtype=x.dtype, device=x.device)
         block_m, block_k, warps = _tile(k)
-        _wrap(_kernels()["fwd"])[(triton_cdiv(m, block_m),)](
+        _wrap(_kernels()["fwd"])[(_cdiv(m, block_m),)](
             x, a, seed, x_cat,
-            m, k, x.stride(0), x_cat.stride(0), float(p), 1.0 / (1.0 - p) if p > 0 else 1.0,
+            m, k, x.stride(0), x_cat.stride(0), float(p), _drop_scale(p),
             R=r, R_P2=_next_pow2(max(r, 2)), TAIL=r + pad, TAIL_P2=_next_pow2(r + pad),
             BLOCK_M=block_m, BLOCK_K=block_k, HAS_DROP=p > 0, GELU=gelu, num_warps=warps,
         )
@@ -249,12 +252,12 @@ if TRITON_AVAILABLE:  # (registering a triton_op without Triton logs a warning a
         dx = torch.empty((m, k), dtype=x_cat.dtype, device=x_cat.device)
         block_m, block_k, warps = _tile(k)
         rows = max(block_m, (BWD_ROWS_PER_PROGRAM // block_m) * block_m)
-        n_prog = triton_cdiv(m, rows)
+        n_prog = _cdiv(m, rows)
         partial = torch.empty((n_prog, r, k), dtype=torch.float32, device=x_cat.device)
         _wrap(_kernels()["bwd"])[(n_prog,)](
             g, x_cat, a, seed, dx, partial, x_cat if f is None else f,
             m, k, g.stride(0), x_cat.stride(0), dx.stride(0), x_cat.stride(0) if f is None else f.stride(0),
-            float(p), 1.0 / (1.0 - p) if p > 0 else 1.0, rows,
+            float(p), _drop_scale(p), rows,
             R=r, R_P2=_next_pow2(max(r, 2)), BLOCK_M=block_m, BLOCK_K=block_k, HAS_DROP=p > 0, GELU=f is not None, num_warps=warps,
         )
         return dx, partial.sum(0)
@@ -322,7 +325,7 @@ def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
     """The keep mask (bool, ``(m, k)``) the kernels draw for ``seed`` and ``p``."""
     out = torch.empty((m, k), dtype=torch.int8, device=seed.device)
     block_m, block_k, warps = _tile(k)
-    _kernels()["mask"][(triton_cdiv(m, block_m),)](seed, out, m, k, float(p), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+    _kernels()["mask"][(_cdiv(m, block_m),)](seed, out, m, k, float(p), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
     return out.bool()
 
 

@@ -102,14 +102,15 @@ if sa.TRITON_AVAILABLE:
     @triton.jit
     def _program_setup(QKV, WQ, BQ, WK, BK, s_b, s_t, H, T, eps,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
-        """One (window, head): its q pointer base, the norms' parameters, normalised k, and v."""
+        """One (window, head): its indices and masks, q's pointer base, the norms' parameters, normalised k, v."""
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
         t = tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        kv_mask = (t < T)[:, None] & dm[None, :]
+        tm = t < T
+        kv_mask = tm[:, None] & dm[None, :]
         hd = H * D
         base = QKV + b * s_b + h * D  # q of token t at base + t * s_t, k at + hd, v at + 2 * hd
         wq = tl.load(WQ + d, mask=dm, other=0.0).to(tl.float32)
@@ -119,7 +120,8 @@ if sa.TRITON_AVAILABLE:
         k_raw = tl.load(base + hd + t[:, None] * s_t + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(base + 2 * hd + t[:, None] * s_t + d[None, :], mask=kv_mask, other=0.0)
         k, _, _ = _head_norm(k_raw.to(tl.float32), wk, bk, kv_mask, dm, D, eps)
-        return base, wq, bq, wk, bk, k.to(v.dtype), v  # k as k_norm(k).type_as(v)
+        # k as k_norm(k).type_as(v)
+        return pid, b, h, t, d, dm, tm, kv_mask, hd, base, wq, bq, wk, bk, k.to(v.dtype), v
 
     @triton.jit
     def qkv_fwd(
@@ -128,15 +130,10 @@ if sa.TRITON_AVAILABLE:
         H, T, scale, eps,
         BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         scale = tl.cast(scale, tl.float32)  # inductor may pass Python floats as fp64: keep the arithmetic fp32
         eps = tl.cast(eps, tl.float32)
-        b = pid // H
-        h = pid % H
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        tm = tl.arange(0, BLOCK_T) < T
-        base, wq, bq, wk, bk, k, v = _program_setup(QKV, WQ, BQ, WK, BK, s_b, s_t, H, T, eps, BLOCK_T, BLOCK_D, D)
+        pid, b, h, t, d, dm, tm, kv_mask, hd, base, wq, bq, wk, bk, k, v = _program_setup(
+            QKV, WQ, BQ, WK, BK, s_b, s_t, H, T, eps, BLOCK_T, BLOCK_D, D)
         key_bias = tl.where(tm, 0.0, float("-inf"))
         qk_scale = scale * 1.4426950408889634  # log2(e)
         o_ptr = O + b * so_b + h * D
@@ -163,18 +160,10 @@ if sa.TRITON_AVAILABLE:
         H, T, scale, eps,
         BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         scale = tl.cast(scale, tl.float32)  # inductor may pass Python floats as fp64: keep the arithmetic fp32
         eps = tl.cast(eps, tl.float32)
-        b = pid // H
-        h = pid % H
-        t = tl.arange(0, BLOCK_T)
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        tm = t < T
-        kv_mask = tm[:, None] & dm[None, :]
-        hd = H * D
-        base, wq, bq, wk, bk, k, v = _program_setup(QKV, WQ, BQ, WK, BK, s_b, s_t, H, T, eps, BLOCK_T, BLOCK_D, D)
+        pid, b, h, t, d, dm, tm, kv_mask, hd, base, wq, bq, wk, bk, k, v = _program_setup(
+            QKV, WQ, BQ, WK, BK, s_b, s_t, H, T, eps, BLOCK_T, BLOCK_D, D)
         dk = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         dwq = tl.zeros((BLOCK_D,), dtype=tl.float32)
